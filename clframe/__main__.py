@@ -1,0 +1,3 @@
+from clframe.cli import main
+
+main()

@@ -1,0 +1,56 @@
+"""Batched, on-device image preparation from uint8 tensors.
+
+Random-resized-crop + horizontal flip for training and a plain resize for testing, done for a
+whole batch at once with one ``affine_grid``/``grid_sample`` on whatever device holds the data:
+no per-sample Python and no host round trip on the hot path.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _stats(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, device=device, dtype=torch.float32).view(1, -1, 1, 1)
+
+
+def random_resized_crop_theta(n: int, generator: torch.Generator, device: torch.device,
+                              scale: tuple[float, float] = (0.08, 1.0),
+                              ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True) -> torch.Tensor:
+    """Affine matrices [n, 2, 3] mapping output coordinates to a random crop of the input.
+
+    Crop area ~ U(scale) of the image, log aspect ratio ~ U(log ratio), position uniform inside
+    the image (sides are clamped to the image as torchvision's fallback does), then a 50% flip.
+    """
+    draws = torch.rand(n, 5, generator=generator, device=generator.device).to(device)
+    area = scale[0] + (scale[1] - scale[0]) * draws[:, 0]
+    log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * draws[:, 1]
+    aspect = torch.exp(log_ratio)
+    width = torch.sqrt(area * aspect).clamp(max=1.0)   # fractions of the image side
+    height = torch.sqrt(area / aspect).clamp(max=1.0)
+    center_x = (1 - width) * (2 * draws[:, 2] - 1)      # in [-1 + w, 1 - w] normalised coords
+    center_y = (1 - height) * (2 * draws[:, 3] - 1)
+    sign = torch.where(draws[:, 4] < 0.5, -1.0, 1.0) if flip else torch.ones_like(width)
+    theta = torch.zeros(n, 2, 3, device=device)
+    theta[:, 0, 0] = width * sign
+    theta[:, 0, 2] = center_x
+    theta[:, 1, 1] = height
+    theta[:, 1, 2] = center_y
+    return theta
+
+
+def prepare(images: torch.Tensor, size: int, mean: tuple[float, ...] | None, std: tuple[float, ...] | None,
+            train: bool, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [B, 3, H, W] on any device -> float [B, 3, size, size], augmented when ``train``."""
+    x = images.to(torch.float32).div_(255.0)
+    if train and generator is not None:
+        theta = random_resized_crop_theta(len(x), generator, x.device)
+        grid = F.affine_grid(theta, [len(x), x.shape[1], size, size], align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    elif x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    if mean is not None and std is not None:
+        x = (x - _stats(mean, x.device)) / _stats(std, x.device)
+    return x.to(dtype)

@@ -1,0 +1,115 @@
+"""The ``clframe`` command line: run, list, ui.
+
+Every user-fixable problem surfaces as one ``error:`` line and exit code 1 (click's own usage
+errors exit 2); a traceback means a bug in clframe.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from clframe.config import RunConfig, builtin_config_names, field_help, resolve_config
+from clframe.errors import ClframeError
+
+HELP = field_help(RunConfig)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="clframe")
+def cli() -> None:
+    """clframe: continual-learning experiments on timm ViTs, tracked in MLflow."""
+
+
+def _resolve(options: dict, config_file: str | None, sets: tuple[str, ...]):
+    from clframe.registry import SCENARIOS, STRATEGIES
+
+    scenario = SCENARIOS.get(options["scenario"])
+    strategy = STRATEGIES.get(options["strategy"])
+    return resolve_config(options, config_file, list(sets), scenario.config_cls, strategy.config_cls)
+
+
+@cli.command()
+@click.option("--scenario", default="split_digits", show_default=True, help=HELP["scenario"])
+@click.option("--strategy", default="linear", show_default=True, help=HELP["strategy"])
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file with run:, <scenario>: and <strategy>: sections")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="override any config key, e.g. epochs=2 or l2p.pool_size=20 (repeatable)")
+@click.option("--model", help=HELP["model"])
+@click.option("--pretrained/--no-pretrained", default=None, help=HELP["pretrained"])
+@click.option("--weights", type=click.Path(dir_okay=False), help=HELP["weights"])
+@click.option("--epochs", type=int, help=HELP["epochs"])
+@click.option("--batch-size", type=int, help=HELP["batch_size"])
+@click.option("--lr", type=float, help=HELP["lr"])
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help=HELP["device"])
+@click.option("--seed", type=int, help=HELP["seed"])
+@click.option("--data-root", help=HELP["data_root"])
+@click.option("--tracking-uri", help=HELP["tracking_uri"])
+@click.option("--experiment", help=HELP["experiment"])
+@click.option("--run-name", help=HELP["run_name"])
+@click.option("--joint", is_flag=True, default=None, help=HELP["joint"])
+@click.option("--resume", metavar="RUN", help="continue a run from its last task-boundary checkpoint (MLflow run id or .pt path)")
+@click.option("--no-progress", is_flag=True, help="hide the progress bars")
+def run(scenario, strategy, config_file, sets, resume, no_progress, **options) -> None:
+    """Run one continual-learning experiment and log it to MLflow.
+
+    Defaults come from configs/<strategy>.yaml and configs/<scenario>.yaml; then --config,
+    then these options, then --set (highest).
+    """
+    from clframe.runner import format_result, run_experiment
+    from clframe.tracking import resolve_uri
+
+    options = dict(options, scenario=scenario, strategy=strategy)
+    if no_progress:
+        options["progress"] = False
+    config = _resolve(options, config_file, sets)
+    result = run_experiment(config, resume=resume, echo=click.echo)
+    click.echo(format_result(result, config, resolve_uri(config.run.tracking_uri)))
+
+
+@cli.command(name="list")
+def list_components() -> None:
+    """List scenarios, strategies and built-in config files."""
+    from clframe.registry import SCENARIOS, STRATEGIES
+
+    def first_line(obj) -> str:
+        return ((obj.__doc__ or "").strip().splitlines() or [""])[0]
+
+    click.echo("scenarios:")
+    for name in SCENARIOS.names():
+        entry = SCENARIOS.get(name) if not name.endswith(":") else SCENARIOS._entries[name]
+        click.echo(f"  {name + ('<Name>' if name.endswith(':') else ''):24s} {first_line(entry.obj)}")
+    click.echo("strategies:")
+    for name in STRATEGIES.names():
+        click.echo(f"  {name:24s} {first_line(STRATEGIES.get(name).obj)}")
+    click.echo("configs (configs/*.yaml):")
+    click.echo("  " + " ".join(builtin_config_names()))
+
+
+@cli.command()
+@click.option("--backend-store-uri", default=None, help="store to browse (default: sqlite:///mlflow.db here)")
+@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--host", default="127.0.0.1", show_default=True)
+def ui(backend_store_uri, port, host) -> None:
+    """Open the MLflow UI on the local store (Ctrl-C to stop)."""
+    from clframe.tracking import resolve_uri
+
+    uri = backend_store_uri or resolve_uri(None)
+    args = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    click.echo(f"MLflow UI for {uri} at http://{host}:{port}")
+    os.execv(sys.executable, args)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except ClframeError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

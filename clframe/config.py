@@ -1,0 +1,277 @@
+"""Typed configuration: dataclasses filled from YAML defaults, a user file, CLI options and ``--set``.
+
+Every section is a dataclass whose fields carry a default and a one-line ``help`` in their
+metadata (and optionally ``choices`` or a ``min``). Values from YAML or ``--set`` are coerced to
+the field's annotated type here, so a typo or a wrong type fails before any work starts, with
+one line that lists what is valid. ``flatten()`` of the resolved config is what MLflow logs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clframe.errors import ClframeError, closest
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+           factory: Any = None) -> Any:
+    """A dataclass field with the metadata the config machinery understands."""
+    meta = {"help": help, "choices": choices, "min": min}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    """Settings of one run that every scenario and strategy shares (the ``run`` section)."""
+
+    scenario: str = option("split_digits", "scenario name (clframe list) or module:function")
+    strategy: str = option("linear", "strategy name (clframe list) or module:Class")
+    model: str = option("vit_tiny_patch16_224", "timm model name")
+    model_kwargs: dict = option(None, "extra keyword arguments for timm.create_model", factory=dict)
+    pretrained: bool = option(False, "load timm's pretrained weights (needs network or the HF cache)")
+    weights: str | None = option(None, "local checkpoint file (.pth/.bin/.safetensors) for the backbone")
+    image_size: int | None = option(None, "input resolution; None means the model's default", min=8)
+    normalize: bool = option(True, "normalise inputs with the model's mean/std (reference L2P does not)")
+    epochs: int = option(1, "training epochs per task", min=0)
+    batch_size: int = option(32, "training batch size", min=1)
+    eval_batch_size: int = option(256, "evaluation batch size", min=1)
+    lr: float = option(0.01, "learning rate (before batch scaling)", min=0.0)
+    lr_batch_scale: bool = option(False, "use lr x batch_size / 256, as the L2P reference does")
+    optimizer: str = option("adam", "optimizer", choices=("adam", "adamw", "sgd"))
+    momentum: float = option(0.9, "SGD momentum", min=0.0)
+    weight_decay: float = option(0.0, "weight decay", min=0.0)
+    grad_clip: float = option(1.0, "clip the global grad norm to this; 0 disables", min=0.0)
+    train_aug: bool = option(True, "random-resized-crop + horizontal flip at training")
+    device: str = option("auto", "where to run", choices=("auto", "cpu", "cuda"))
+    amp: str = option("auto", "mixed precision: bf16 autocast on CUDA when auto", choices=("auto", "bf16", "off"))
+    seed: int = option(0, "seed for class order, initialisation, batches and augmentation")
+    data_root: str = option("./data", "folder holding the data sets (e.g. cifar-100-python/)")
+    tracking_uri: str | None = option(None, "MLflow tracking URI; None means sqlite:///mlflow.db here")
+    experiment: str = option("clframe", "MLflow experiment name")
+    run_name: str | None = option(None, "MLflow run name; None means <strategy>-<scenario>-<time>")
+    checkpoint_dir: str = option(".clframe/checkpoints", "where task-boundary checkpoints go")
+    joint: bool = option(False, "train on the union of all tasks as one task (upper bound)")
+    progress: bool = option(True, "show a progress bar per task")
+
+
+def field_help(cls: type) -> dict[str, str]:
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` to annotation ``tp`` or raise a ClframeError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ClframeError as exc:
+                errors.append(str(exc))
+        raise ClframeError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ClframeError(f"config key '{key}' wants true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+            raise ClframeError(f"config key '{key}' wants an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ClframeError(f"config key '{key}' wants an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ClframeError(f"config key '{key}' wants an integer, got {value!r}")
+        return int(as_float)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ClframeError(f"config key '{key}' wants a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ClframeError(f"config key '{key}' wants a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ClframeError(f"config key '{key}' wants a string, got {value!r}")
+        return str(value)
+    if tp is dict or origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ClframeError(f"config key '{key}' wants a mapping like {{a: 1}}, got {value!r}")
+        return dict(value)
+    if tp is list or origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if isinstance(value, (int, float)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ClframeError(f"config key '{key}' wants a list like [1, 2], got {value!r}")
+        args = typing.get_args(tp)
+        if args:  # list[X] or tuple[X, ...]
+            value = [_coerce(v, args[0], key) for v in value]
+        return tuple(value) if origin is tuple else list(value)
+    return value
+
+
+def _check(instance: Any, section: str) -> None:
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ClframeError(f"config key '{section}.{f.name}' must be one of "
+                               f"{', '.join(map(str, choices))}; got {value!r}")
+        low = f.metadata.get("min")
+        if low is not None and value is not None and value < low:
+            raise ClframeError(f"config key '{section}.{f.name}' must be >= {low}; got {value!r}")
+
+
+def build_section(cls: type, values: dict[str, Any], section: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``values``, coercing types and checking choices."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ClframeError(f"unknown config key '{section}.{key}'{closest(key, names)}; "
+                               f"valid keys: {', '.join(sorted(names))}")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    try:
+        instance = cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ClframeError(f"config section '{section}': {exc}") from None
+    _check(instance, section)
+    return instance
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """Parse one ``--set key=value`` (value read as YAML, so 3, 0.1, true, [1, 2] keep their type)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(c.isspace() for c in key):
+        raise ClframeError(f"malformed --set {item!r}: write --set key=value, e.g. --set epochs=2 "
+                           f"or --set l2p.pool_size=20")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_yaml(path: Path | str, what: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ClframeError(f"cannot read {what} {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise ClframeError(f"{what} {path} is not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ClframeError(f"{what} {path} must hold a mapping of sections (run:, <strategy>:, ...)")
+    return data
+
+
+def builtin_config(name: str) -> dict[str, Any]:
+    """The packaged ``configs/<name>.yaml`` (empty when there is none); works after a wheel install."""
+    resource = resources.files("configs").joinpath(f"{name}.yaml")
+    if not resource.is_file():
+        return {}
+    with resources.as_file(resource) as path:
+        return load_yaml(path, "built-in config")
+
+
+def builtin_config_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("configs").iterdir() if p.name.endswith(".yaml"))
+
+
+@dataclass
+class ResolvedConfig:
+    """The run section plus the chosen scenario's and strategy's sections."""
+
+    run: RunConfig
+    scenario: Any
+    strategy: Any
+
+    def flatten(self) -> dict[str, Any]:
+        flat = {}
+        for section, obj in (("run", self.run), (self.run.scenario, self.scenario),
+                             (self.run.strategy, self.strategy)):
+            for key, value in dataclasses.asdict(obj).items():
+                flat[f"{section}.{key}"] = value
+        return flat
+
+    def to_yaml(self) -> str:
+        data = {"run": dataclasses.asdict(self.run),
+                self.run.scenario: dataclasses.asdict(self.scenario),
+                self.run.strategy: dataclasses.asdict(self.strategy)}
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def _merge(target: dict[str, dict], layer: dict[str, Any], sections: set[str], origin: str) -> None:
+    for section, values in layer.items():
+        if section not in sections:
+            raise ClframeError(f"unknown config section '{section}' in {origin}; valid sections: "
+                               f"{', '.join(sorted(sections))}")
+        if not isinstance(values, dict):
+            raise ClframeError(f"section '{section}' in {origin} must be a mapping")
+        target.setdefault(section, {}).update(values)
+
+
+def resolve_config(cli_values: dict[str, Any], config_file: str | None, sets: list[str],
+                   scenario_config_cls: type, strategy_config_cls: type) -> ResolvedConfig:
+    """Merge, lowest first: dataclass defaults, configs/<strategy>.yaml, configs/<scenario>.yaml,
+    the ``--config`` file, explicit CLI options, then ``--set`` overrides.
+
+    The scenario's file comes after the strategy's because it knows the data's compute budget
+    (e.g. the offline digits scenario picks a small model whatever the strategy).
+    """
+    scenario, strategy = cli_values["scenario"], cli_values["strategy"]
+    sections = {"run", scenario, strategy}
+    merged: dict[str, dict] = {}
+    _merge(merged, builtin_config(strategy), sections, f"configs/{strategy}.yaml")
+    _merge(merged, builtin_config(scenario), sections, f"configs/{scenario}.yaml")
+    if config_file:
+        _merge(merged, load_yaml(config_file, "config file"), sections, config_file)
+    merged.setdefault("run", {}).update({k: v for k, v in cli_values.items() if v is not None})
+    for item in sets:
+        key, value = parse_set(item)
+        section, dot, name = key.rpartition(".")
+        section = section if dot else "run"
+        if section not in sections:
+            raise ClframeError(f"--set {key}: unknown section '{section}'; use run.<key>, "
+                               f"{scenario}.<key> or {strategy}.<key>")
+        merged.setdefault(section, {})[name] = value
+    run_values = merged.get("run", {})
+    for fixed in ("scenario", "strategy"):
+        if run_values.get(fixed, cli_values[fixed]) != cli_values[fixed]:
+            raise ClframeError(f"choose the {fixed} with --{fixed}, not in a config file or --set")
+    run = build_section(RunConfig, run_values, "run")
+    return ResolvedConfig(
+        run=run,
+        scenario=build_section(scenario_config_cls, merged.get(scenario, {}), scenario),
+        strategy=build_section(strategy_config_cls, merged.get(strategy, {}), strategy),
+    )

@@ -1,0 +1,212 @@
+"""The continual-learning loop: for each experience, train, then evaluate every task seen so far.
+
+The engine owns devices, mixed precision, batching, augmentation, optimisation and metrics; a
+strategy only answers its hooks. Data for a task is moved to the device once, as uint8, and
+augmented there; the step loop never synchronises with the host (losses accumulate on device
+and are read once per epoch).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from clframe import metrics
+from clframe.augment import prepare
+from clframe.config import ResolvedConfig
+from clframe.errors import ClframeError
+from clframe.models import input_stats, native_image_size
+from scenarios.base import CLASS_IL, Experience, Stream
+from strategies.base import Batch, Strategy
+
+
+class TrainingDiverged(ClframeError):
+    """The loss became NaN or infinite."""
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ClframeError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu "
+                           "(or auto)")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def task_seed(seed: int, task_id: int, salt: int = 0) -> int:
+    """Per-task seeds, so a run resumed at a task boundary draws exactly what an uninterrupted one does."""
+    return (seed * 1_000_003 + task_id * 7919 + salt) % (2**63 - 1)
+
+
+@dataclass
+class PhaseTimer:
+    """Images and seconds per phase, for throughput (one device sync per phase, not per step)."""
+
+    images: dict[str, int] = field(default_factory=lambda: {"train": 0, "eval": 0})
+    seconds: dict[str, float] = field(default_factory=lambda: {"train": 0.0, "eval": 0.0})
+
+    def rate(self, phase: str) -> float:
+        return self.images[phase] / self.seconds[phase] if self.seconds[phase] > 0 else 0.0
+
+
+@dataclass
+class EngineState:
+    """Where a run stands; what a task-boundary checkpoint restores."""
+
+    acc_matrix: np.ndarray
+    tasks_done: int = 0
+    epochs_done: int = 0
+
+
+class Engine:
+    def __init__(self, config: ResolvedConfig, stream: Stream, strategy: Strategy, device: torch.device,
+                 log_metrics: Callable[[dict[str, float], int], None],
+                 on_task_end: Callable[[int, "Engine"], None] | None = None) -> None:
+        self.config = config
+        self.run = config.run
+        self.stream = stream
+        self.strategy = strategy.to(device)
+        self.device = device
+        self.log_metrics = log_metrics
+        self.on_task_end = on_task_end
+        self.timer = PhaseTimer()
+        self.train_experiences = [stream.joint_experience()] if self.run.joint else stream.experiences
+        self.state = EngineState(acc_matrix=np.full((len(self.train_experiences), stream.n_tasks), np.nan))
+        self.image_size = self.run.image_size or native_image_size(strategy.backbone)
+        mean, std = input_stats(strategy.backbone)
+        self.mean, self.std = (mean, std) if self.run.normalize else (None, None)
+        use_bf16 = self.run.amp == "bf16" or (self.run.amp == "auto" and device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # ----- training -----
+    def learning_rate(self) -> float:
+        return self.run.lr * self.run.batch_size / 256 if self.run.lr_batch_scale else self.run.lr
+
+    def train_task(self, experience: Experience) -> None:
+        run, strategy, task = self.run, self.strategy, experience.task_id
+        torch.manual_seed(task_seed(run.seed, task, 1))
+        strategy.before_task(experience)
+        params = list(strategy.trainable_parameters())
+        optimizer = strategy.configure_optimizer(params, self.learning_rate()) if params else None
+        class_mask = strategy.train_class_mask()
+        class_mask = class_mask.to(self.device) if class_mask is not None else None
+        order = torch.Generator().manual_seed(task_seed(run.seed, task, 2))
+        augment = torch.Generator(device=self.device).manual_seed(task_seed(run.seed, task, 3))
+        images = experience.train_images.to(self.device, non_blocking=True)
+        labels = experience.train_labels.to(self.device, non_blocking=True)
+        n = len(labels)
+        steps = math.ceil(n / run.batch_size)
+        bar = tqdm(total=run.epochs * steps, desc=f"task {task + 1}/{len(self.train_experiences)}",
+                   disable=not run.progress, leave=True, dynamic_ncols=True, mininterval=0.5)
+        strategy.train()
+        self._sync()
+        start = time.perf_counter()
+        for epoch in range(run.epochs):
+            permutation = torch.randperm(n, generator=order).to(self.device)
+            loss_sum = torch.zeros((), device=self.device)
+            for step in range(steps):
+                index = permutation[step * run.batch_size:(step + 1) * run.batch_size]
+                batch = Batch(prepare(images[index], self.image_size, self.mean, self.std, train=run.train_aug,
+                                      generator=augment), labels[index], task, True, index)
+                with self.autocast():
+                    out = strategy(batch)
+                loss = strategy.loss(out, batch, class_mask)
+                if optimizer is not None:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if run.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(params, run.grad_clip)
+                    optimizer.step()
+                loss_sum += loss.detach()
+                bar.update(1)
+            epoch_loss = (loss_sum / steps).item()  # the one host sync per epoch
+            if not math.isfinite(epoch_loss):
+                bar.close()
+                raise TrainingDiverged(f"loss became {epoch_loss} in task {task} epoch {epoch}; lower --lr "
+                                       f"or check the data (finished tasks are kept)")
+            bar.set_postfix(loss=f"{epoch_loss:.4f}")
+            self.state.epochs_done += 1
+            self.log_metrics({"train/loss": epoch_loss}, self.state.epochs_done - 1)
+        self._sync()
+        self.timer.seconds["train"] += time.perf_counter() - start
+        self.timer.images["train"] += n * run.epochs
+        bar.close()
+        strategy.after_task(experience)
+
+    # ----- evaluation -----
+    def eval_class_mask(self) -> torch.Tensor | None:
+        if self.stream.kind != CLASS_IL:
+            return None
+        mask = torch.zeros(self.stream.n_classes, dtype=torch.bool, device=self.device)
+        mask[self.strategy.seen_classes] = True
+        return mask
+
+    @torch.no_grad()
+    def evaluate(self, experience: Experience) -> float:
+        """Accuracy (percent) on ``experience``'s test set; class-IL predicts among seen classes only."""
+        strategy, size = self.strategy, self.run.eval_batch_size
+        strategy.eval()
+        class_mask = self.eval_class_mask()
+        images = experience.test_images.to(self.device, non_blocking=True)
+        labels = experience.test_labels.to(self.device, non_blocking=True)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        self._sync()
+        start = time.perf_counter()
+        for first in range(0, len(labels), size):
+            index = torch.arange(first, min(first + size, len(labels)), device=self.device)
+            batch = Batch(prepare(images[index], self.image_size, self.mean, self.std, train=False),
+                          labels[index], experience.task_id, False, index)
+            with self.autocast():
+                logits = strategy(batch).logits.float()
+            if class_mask is not None:
+                logits = logits.masked_fill(~class_mask, float("-inf"))
+            correct += (logits.argmax(dim=1) == batch.labels).sum()
+        accuracy = 100.0 * correct.item() / max(len(labels), 1)
+        self._sync()
+        self.timer.seconds["eval"] += time.perf_counter() - start
+        self.timer.images["eval"] += len(labels)
+        return accuracy
+
+    # ----- the loop -----
+    def task_metrics(self, i: int) -> dict[str, float]:
+        row = self.state.acc_matrix[i]
+        if self.run.joint:
+            values = {"acc_avg": float(np.nanmean(row)), "forgetting": 0.0, "bwt": 0.0}
+        else:
+            values = metrics.summary(self.state.acc_matrix, i)
+        values.update({f"acc/task_{j}": float(row[j]) for j in range(len(row)) if not np.isnan(row[j])})
+        return values
+
+    def run_all(self) -> np.ndarray:
+        for i in range(self.state.tasks_done, len(self.train_experiences)):
+            self.train_task(self.train_experiences[i])
+            tested = self.stream.experiences if self.run.joint else self.stream.experiences[: i + 1]
+            for experience in tested:
+                self.state.acc_matrix[i, experience.task_id] = self.evaluate(experience)
+            self.state.tasks_done = i + 1
+            report = self.strategy.task_report()
+            values = self.task_metrics(i)
+            values.update(report.metrics)
+            values.update({"trainable_params": float(self.strategy.count_trainable()),
+                           "perf/train_img_s": self.timer.rate("train"),
+                           "perf/eval_img_s": self.timer.rate("eval")})
+            self.log_metrics(values, i)
+            self.last_report = report
+            if self.on_task_end is not None:
+                self.on_task_end(i, self)
+        return self.state.acc_matrix

@@ -1,0 +1,1 @@
+"""Default configurations, one YAML file per strategy and per scenario (package data)."""

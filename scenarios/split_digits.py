@@ -1,0 +1,57 @@
+"""Split Digits: scikit-learn's bundled 8x8 handwritten digits as a class-IL stream.
+
+It ships with scikit-learn, so a fresh machine runs a real continual-learning experiment with no
+download. The 8x8 images are upsampled to the model's input size on the device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from clframe.config import RunConfig, option
+from clframe.registry import register_scenario
+from scenarios.base import CLASS_IL, Stream, class_order, split_by_classes
+
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+@dataclass
+class SplitDigitsConfig:
+    n_tasks: int = option(5, "number of tasks (10 classes split evenly)", choices=(1, 2, 5, 10))
+    test_fraction: float = option(0.25, "share of each class held out for testing", min=0.05)
+    shuffle_classes: bool = option(True, "class order fixed by the run seed (else 0..9)")
+
+
+def load_digits_uint8() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1797 digits as uint8 [N, 3, 8, 8] (grey replicated to RGB) and int64 labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    grey = np.round(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    images = torch.from_numpy(grey).unsqueeze(1).repeat(1, 3, 1, 1).contiguous()
+    return images, torch.from_numpy(digits.target.astype(np.int64))
+
+
+def stratified_split(labels: torch.Tensor, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class, a seeded share of indices goes to test: (train_idx, test_idx)."""
+    rng = np.random.RandomState(seed)
+    train_idx, test_idx = [], []
+    for c in sorted(set(labels.tolist())):
+        idx = np.flatnonzero(labels.numpy() == c)
+        rng.shuffle(idx)
+        n_test = max(1, int(round(len(idx) * test_fraction)))
+        test_idx.extend(idx[:n_test])
+        train_idx.extend(idx[n_test:])
+    return torch.tensor(sorted(train_idx)), torch.tensor(sorted(test_idx))
+
+
+@register_scenario("split_digits", config=SplitDigitsConfig)
+def split_digits(cfg: SplitDigitsConfig, run: RunConfig) -> Stream:
+    images, labels = load_digits_uint8()
+    train_idx, test_idx = stratified_split(labels, cfg.test_fraction, run.seed)
+    order = class_order(10, run.seed, cfg.shuffle_classes)
+    experiences = split_by_classes(images[train_idx], labels[train_idx], images[test_idx],
+                                   labels[test_idx], order, cfg.n_tasks)
+    return Stream("split_digits", CLASS_IL, list(DIGIT_NAMES), experiences, info={"class_order": order})

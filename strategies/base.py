@@ -1,0 +1,184 @@
+"""The Strategy base class: what a continual-learning method may change, and nothing else.
+
+The engine owns the loop, devices, mixed precision, optimisation, evaluation, logging and
+checkpoints. A strategy is an ``nn.Module`` that holds its backbone and its own parameters and
+overrides a few hooks. The engine calls them in this order::
+
+    strategy = MyStrategy(cfg, run, stream_info)          # build modules; freeze what stays fixed
+    for experience in stream:
+        strategy.before_task(experience)                  # grow/initialise per-task state
+        optimizer = strategy.configure_optimizer()        # fresh optimizer over trainable_parameters()
+        for each batch:  out = strategy(batch); loss = strategy.loss(out, batch); step
+        strategy.after_task(experience)                   # consolidate, freeze, copy prompts, ...
+        for each test set seen so far:  strategy(batch) with batch.training False
+        strategy.task_report()                            # extra metrics/artifacts for this task
+
+Hooks and what they may change:
+
+- ``__init__``: build the backbone (``create_backbone(run)``), heads, prompts; set
+  ``requires_grad`` of everything. Must call ``super().__init__``.
+- ``trainable_parameters()``: the parameters the optimizer updates (default: those with
+  ``requires_grad``). The engine clips the grad norm over exactly these.
+- ``forward(batch) -> ForwardOutput``: logits over *all* classes of the stream (the engine masks
+  classes not seen yet), plus optional ``extra_loss`` (added to the loss at training) and
+  ``selected`` (e.g. prompt ids, for reports). It must not use ``batch.task_id`` to predict at
+  test time: it is given only so a strategy can *report* task-identification accuracy.
+- ``loss(out, batch)``: default is cross-entropy over the logits masked to the classes that
+  ``config.train_mask`` allows, plus ``out.extra_loss``.
+- ``before_task(experience)`` / ``after_task(experience)``: per-task bookkeeping. Call super().
+- ``configure_optimizer(params)``: override for per-group learning rates.
+- ``task_report()``: ``TaskReport(metrics, artifacts)`` logged at the task step.
+- ``extra_state()`` / ``load_extra_state()``: non-parameter state a checkpoint must keep.
+
+Read-only continual-learning state: ``seen_classes``, ``current_classes``, ``task_id``.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clframe.config import RunConfig, option
+from scenarios.base import CLASS_IL, Experience
+
+
+@dataclass
+class StrategyConfig:
+    """Fields every strategy has; a strategy's own config subclasses this."""
+
+    train_mask: str = option("seen", "training logits limited to: classes seen so far, the current "
+                             "task's, or none (all classes)", choices=("seen", "current", "none"))
+
+
+@dataclass
+class StreamInfo:
+    """What a strategy may know about the stream when it is built."""
+
+    kind: str
+    n_classes: int
+    class_names: list[str]
+    domain_names: list[str] | None
+    n_tasks: int
+
+
+@dataclass
+class Batch:
+    """One batch as a strategy sees it; ``images`` are float, augmented and normalised."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    task_id: int  # the task the images come from (reporting only at test time)
+    training: bool
+    index: torch.Tensor | None = None  # positions in the task's split, for exact feature caches
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor
+    extra_loss: torch.Tensor | None = None
+    selected: torch.Tensor | None = None
+
+
+@dataclass
+class TaskReport:
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)  # file name -> text content
+
+
+class Strategy(nn.Module, abc.ABC):
+    """Base class of every continual-learning method (see the module docstring for the hooks)."""
+
+    name: ClassVar[str] = "strategy"
+    config_cls: ClassVar[type] = StrategyConfig
+
+    def __init__(self, config: Any, run: RunConfig, info: StreamInfo) -> None:
+        super().__init__()
+        self.config = config
+        self.run_config = run
+        self.info = info
+        self._seen: list[int] = []
+        self._current: list[int] = []
+        self._task_id = -1
+
+    # ----- read-only continual-learning state -----
+    @property
+    def seen_classes(self) -> list[int]:
+        return list(self._seen)
+
+    @property
+    def current_classes(self) -> list[int]:
+        return list(self._current)
+
+    @property
+    def task_id(self) -> int:
+        return self._task_id
+
+    # ----- hooks -----
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def count_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    @abc.abstractmethod
+    def forward(self, batch: Batch) -> ForwardOutput:
+        """Logits over all classes of the stream for ``batch.images``."""
+
+    def before_task(self, experience: Experience) -> None:
+        self._task_id = experience.task_id
+        self._current = list(experience.classes)
+        self._seen = sorted(set(self._seen) | set(experience.classes))
+
+    def after_task(self, experience: Experience) -> None:
+        """Called after training on ``experience``, before evaluation."""
+
+    def configure_optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        run = self.run_config
+        if run.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=run.momentum, weight_decay=run.weight_decay)
+        optimizer_cls = torch.optim.AdamW if run.optimizer == "adamw" else torch.optim.Adam
+        return optimizer_cls(params, lr=lr, betas=(0.9, 0.999), weight_decay=run.weight_decay)
+
+    def train_class_mask(self) -> torch.Tensor | None:
+        """Boolean [n_classes] of logits kept at training (None keeps all)."""
+        if self.info.kind != CLASS_IL or self.config.train_mask == "none":
+            return None
+        allowed = self._current if self.config.train_mask == "current" else self._seen
+        mask = torch.zeros(self.info.n_classes, dtype=torch.bool)
+        mask[allowed] = True
+        return mask
+
+    def loss(self, out: ForwardOutput, batch: Batch, class_mask: torch.Tensor | None) -> torch.Tensor:
+        logits = out.logits.float()
+        if class_mask is not None:
+            logits = logits.masked_fill(~class_mask, float("-inf"))
+        loss = F.cross_entropy(logits, batch.labels)
+        if out.extra_loss is not None:
+            loss = loss + out.extra_loss
+        return loss
+
+    def task_report(self) -> TaskReport:
+        return TaskReport()
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps: everything outside ``backbone`` plus the backbone's trainable
+        parameters; never the frozen backbone (it is rebuilt from its weights)."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {k: v.detach().clone() for k, v in self.state_dict().items()
+                if k in trainable or not k.startswith("backbone.")}
+
+    def cl_state(self) -> dict[str, Any]:
+        return {"seen": list(self._seen), "current": list(self._current), "task_id": self._task_id}
+
+    def load_cl_state(self, state: dict[str, Any]) -> None:
+        self._seen, self._current, self._task_id = list(state["seen"]), list(state["current"]), int(state["task_id"])
