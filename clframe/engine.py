@@ -21,7 +21,6 @@ from clframe import metrics
 from clframe.augment import prepare
 from clframe.config import ResolvedConfig
 from clframe.errors import ClframeError
-from clframe.models import input_stats, native_image_size
 from scenarios.base import CLASS_IL, Experience, Stream
 from strategies.base import Batch, Strategy
 
@@ -78,8 +77,7 @@ class Engine:
         self.timer = PhaseTimer()
         self.train_experiences = [stream.joint_experience()] if self.run.joint else stream.experiences
         self.state = EngineState(acc_matrix=np.full((len(self.train_experiences), stream.n_tasks), np.nan))
-        self.image_size = self.run.image_size or native_image_size(strategy.backbone)
-        mean, std = input_stats(strategy.backbone)
+        self.image_size, mean, std = strategy.input_spec()
         self.mean, self.std = (mean, std) if self.run.normalize else (None, None)
         use_bf16 = self.run.amp == "bf16" or (self.run.amp == "auto" and device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None

@@ -26,7 +26,8 @@ Hooks and what they may change:
 - ``loss(out, batch)``: default is cross-entropy over the logits masked to the classes that
   ``config.train_mask`` allows, plus ``out.extra_loss``.
 - ``before_task(experience)`` / ``after_task(experience)``: per-task bookkeeping. Call super().
-- ``configure_optimizer(params)``: override for per-group learning rates.
+- ``configure_optimizer(params, lr)``: override for per-group learning rates.
+- ``input_spec()``: image size and normalisation (default: the timm backbone's).
 - ``task_report()``: ``TaskReport(metrics, artifacts)`` logged at the task step.
 - ``extra_state()`` / ``load_extra_state()``: non-parameter state a checkpoint must keep.
 
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clframe.config import RunConfig, option
+from clframe.models import input_stats, native_image_size
 from scenarios.base import CLASS_IL, Experience
 
 
@@ -135,6 +137,13 @@ class Strategy(nn.Module, abc.ABC):
 
     def after_task(self, experience: Experience) -> None:
         """Called after training on ``experience``, before evaluation."""
+
+    def input_spec(self) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+        """(image size, mean, std) the engine prepares images with; default: the timm backbone's.
+        A strategy with another kind of backbone (open_clip) overrides this."""
+        size = self.run_config.image_size or native_image_size(self.backbone)
+        mean, std = input_stats(self.backbone)
+        return size, mean, std
 
     def configure_optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         run = self.run_config
