@@ -8,6 +8,7 @@ one line that lists what is valid. ``flatten()`` of the resolved config is what 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,21 @@ from typing import Any
 import yaml
 
 from clframe.errors import ClframeError, closest
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2 booleans: only true/false are booleans, so ``amp: off`` stays the string 'off'."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
@@ -53,6 +69,9 @@ class RunConfig:
     train_aug: bool = option(True, "random-resized-crop + horizontal flip at training")
     device: str = option("auto", "where to run", choices=("auto", "cpu", "cuda"))
     amp: str = option("auto", "mixed precision: bf16 autocast on CUDA when auto", choices=("auto", "bf16", "off"))
+    frozen_bf16: bool = option(True, "under bf16 autocast, hold frozen Linear/Conv weights in bf16 (same "
+                               "products, fewer casts)")
+    compile: bool = option(False, "torch.compile the backbone's blocks on CUDA (slow first steps)")
     seed: int = option(0, "seed for class order, initialisation, batches and augmentation")
     data_root: str = option("./data", "folder holding the data sets (e.g. cifar-100-python/)")
     tracking_uri: str | None = option(None, "MLflow tracking URI; None means sqlite:///mlflow.db here")
@@ -117,13 +136,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return str(value)
     if tp is dict or origin is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = yaml_load(value)
         if not isinstance(value, dict):
             raise ClframeError(f"config key '{key}' wants a mapping like {{a: 1}}, got {value!r}")
         return dict(value)
     if tp is list or origin in (list, tuple):
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = yaml_load(value)
         if isinstance(value, (int, float)):
             value = [value]
         if not isinstance(value, (list, tuple)):
@@ -173,7 +192,7 @@ def parse_set(item: str) -> tuple[str, Any]:
         raise ClframeError(f"malformed --set {item!r}: write --set key=value, e.g. --set epochs=2 "
                            f"or --set l2p.pool_size=20")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -185,7 +204,7 @@ def load_yaml(path: Path | str, what: str) -> dict[str, Any]:
     except OSError as exc:
         raise ClframeError(f"cannot read {what} {path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml_load(text) or {}
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from clframe import metrics
+from clframe import fastpath, metrics
 from clframe.augment import prepare
 from clframe.config import ResolvedConfig
 from clframe.errors import ClframeError
@@ -81,6 +81,10 @@ class Engine:
         self.mean, self.std = (mean, std) if self.run.normalize else (None, None)
         use_bf16 = self.run.amp == "bf16" or (self.run.amp == "auto" and device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        if use_bf16 and self.run.frozen_bf16:
+            fastpath.hold_frozen_in_bf16(self.strategy)
+        if self.run.compile and device.type == "cuda":
+            fastpath.compile_blocks(self.strategy.backbone)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:

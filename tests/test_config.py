@@ -64,3 +64,8 @@ def test_flatten_is_what_mlflow_logs():
 def test_every_run_field_has_help():
     import dataclasses
     assert all(f.metadata.get("help") for f in dataclasses.fields(RunConfig))
+
+
+def test_yaml_words_on_off_stay_strings_for_choice_fields():
+    config = resolve(sets=["amp=off", "train_aug=off"])
+    assert config.run.amp == "off" and config.run.train_aug is False

@@ -1,0 +1,142 @@
+"""Throughput of clframe strategies through the real engine, printed as JSON lines.
+
+Each measurement builds the strategy exactly as ``clframe run`` does, feeds the engine a
+CIFAR-shaped task (uint8 32x32 images, 100 classes, resized to the model's input on the
+device) and times ``Engine.train_task`` / ``Engine.evaluate`` after a warm-up task. With
+``--protocol`` it also runs the whole Split CIFAR-100 protocol end to end from a generated
+``cifar-100-python`` archive (real shape: 50 000 + 10 000 images) through ``run_experiment``,
+MLflow logging included, and reports its wall time.
+
+    python bench/throughput.py --strategies l2p linear --batch 128
+    python bench/throughput.py --strategies l2p --protocol
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from clframe.config import resolve_config  # noqa: E402
+from clframe.engine import Engine  # noqa: E402
+from clframe.registry import SCENARIOS, STRATEGIES  # noqa: E402
+from clframe.runner import build_strategy, run_experiment  # noqa: E402
+from scenarios.base import CLASS_IL, Experience, Stream  # noqa: E402
+
+
+def config_for(strategy: str, args, sets: list[str]):
+    cli = dict(scenario="split_cifar100", strategy=strategy, model=args.model, pretrained=False,
+               batch_size=args.batch, device=args.device, progress=False, eval_batch_size=args.eval_batch)
+    return resolve_config(cli, None, list(args.set) + sets, SCENARIOS.get("split_cifar100").config_cls,
+                          STRATEGIES.get(strategy).config_cls)
+
+
+def synthetic_experience(n_train: int, n_test: int, classes: list[int], seed: int) -> Experience:
+    generator = torch.Generator().manual_seed(seed)
+    def images(n):
+        return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    def labels(n):
+        return torch.tensor(classes)[torch.randint(0, len(classes), (n,), generator=generator)]
+    return Experience(0, classes, images(n_train), labels(n_train), images(n_test), labels(n_test))
+
+
+def environment(device: torch.device) -> dict:
+    import timm
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device_name": name, "torch": torch.__version__, "timm": timm.__version__}
+
+
+def measure(strategy_name: str, args) -> dict:
+    config = config_for(strategy_name, args, [f"epochs=1"])
+    classes = list(range(10))
+    timed = synthetic_experience(args.batch * args.steps, args.eval_images, classes, 1)
+    warm = synthetic_experience(args.batch * args.warmup, args.eval_batch * 2, classes, 2)
+    stream = Stream("synthetic", CLASS_IL, [f"c{i}" for i in range(100)], [timed])
+    strategy = build_strategy(config, stream)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    engine = Engine(config, stream, strategy, device, lambda metrics, step: None)
+    engine.train_task(warm)
+    engine.evaluate(warm)
+    engine.timer = type(engine.timer)()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    engine.train_task(timed)
+    train_peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    engine.evaluate(timed)
+    engine.evaluate(timed)  # second pass: what every later evaluation of this task costs
+    eval_peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return dict(environment(device), strategy=strategy_name, model=args.model, batch=args.batch,
+                eval_batch=args.eval_batch, train_img_s=round(engine.timer.rate("train"), 1),
+                eval_img_s=round(engine.timer.rate("eval"), 1), train_peak_gib=train_peak,
+                eval_peak_gib=eval_peak, trainable_params=strategy.count_trainable(),
+                fast_path=[s for s in args.set])
+
+
+def write_cifar_archive(root: Path, seed: int = 0) -> None:
+    """A cifar-100-python folder of the real shape (random pixels), in the real pickle format."""
+    import pickle
+
+    rng = np.random.RandomState(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 50_000), ("test", 10_000)):
+        labels = np.repeat(np.arange(100), n // 100)
+        rng.shuffle(labels)
+        data = rng.randint(0, 256, size=(n, 3072), dtype=np.uint8)
+        with (folder / split).open("wb") as handle:
+            pickle.dump({b"data": data, b"fine_labels": labels.tolist()}, handle)
+    with (folder / "meta").open("wb") as handle:
+        pickle.dump({b"fine_label_names": [f"class_{i}".encode() for i in range(100)]}, handle)
+
+
+def protocol(strategy_name: str, args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_cifar_archive(root / "data")
+        start = time.perf_counter()
+        sets = [f"data_root={root / 'data'}", f"tracking_uri=sqlite:///{root}/mlflow.db",
+                f"checkpoint_dir={root / 'ckpt'}", f"epochs={args.epochs}"]
+        config = config_for(strategy_name, args, sets)
+        result = run_experiment(config, echo=lambda line: None)
+        wall = time.perf_counter() - start
+    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    return dict(environment(device), strategy=strategy_name, mode="protocol", batch=args.batch,
+                epochs=args.epochs, protocol_wall_s=round(wall, 1), engine_wall_s=round(result.wall_s, 1),
+                acc_avg=round(result.summary["acc_avg"], 2), train_img_s=round(result.train_img_s, 1),
+                eval_img_s=round(result.eval_img_s, 1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--strategies", nargs="+", default=["l2p"])
+    parser.add_argument("--model", default="vit_base_patch16_224")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--eval-batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--eval-images", type=int, default=5120)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--set", action="append", default=[], help="config override, as clframe run --set")
+    parser.add_argument("--protocol", action="store_true", help="also run the whole Split CIFAR-100 protocol")
+    parser.add_argument("--skip-throughput", action="store_true")
+    args = parser.parse_args()
+    for name in args.strategies:
+        if not args.skip_throughput:
+            print(json.dumps(measure(name, args)), flush=True)
+        if args.protocol:
+            print(json.dumps(protocol(name, args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

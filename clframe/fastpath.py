@@ -1,0 +1,35 @@
+"""GPU fast-path switches that keep the algorithm unchanged.
+
+- ``frozen_bf16``: under bf16 autocast every Linear/Conv casts its fp32 weight to bf16 on every
+  call. For modules whose parameters are all frozen, holding the weights in bf16 once gives the
+  very same products without the per-step casts (norm layers stay fp32, as autocast runs them).
+- ``compile``: ``torch.compile`` each transformer block of the backbone (the hot loop), keeping
+  the strategy's own Python (prompt selection, masks) eager.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CASTABLE = (nn.Linear, nn.Conv2d)
+
+
+def hold_frozen_in_bf16(module: nn.Module) -> int:
+    """Cast fully frozen Linear/Conv2d modules to bf16; returns how many were cast."""
+    cast = 0
+    for child in module.modules():
+        params = list(child.parameters(recurse=False))
+        if isinstance(child, CASTABLE) and params and not any(p.requires_grad for p in params):
+            child.to(torch.bfloat16)
+            cast += 1
+    return cast
+
+
+def compile_blocks(backbone: nn.Module) -> int:
+    """Compile every block of ``backbone.blocks`` in place; returns how many."""
+    blocks = getattr(backbone, "blocks", None)
+    if blocks is None:
+        return 0
+    for block in blocks:
+        block.compile()
+    return len(blocks)
