@@ -21,7 +21,7 @@ from clframe.config import ResolvedConfig
 from clframe.engine import Engine, resolve_device
 from clframe.errors import ClframeError
 from clframe.registry import SCENARIOS, STRATEGIES
-from clframe.tracking import MlflowTracker, check_reachable, git_commit, resolve_uri
+from clframe.tracking import FallbackTracker, check_reachable, git_commit, resolve_uri
 from scenarios.base import Stream
 from strategies.base import Strategy, StreamInfo
 
@@ -43,6 +43,7 @@ class RunResult:
     train_img_s: float
     eval_img_s: float
     checkpoint: Path
+    tracking_uri: str | None = None  # where the run ended up (a local fallback if the server went away)
 
 
 def build_stream(config: ResolvedConfig) -> Stream:
@@ -83,7 +84,7 @@ def run_experiment(config: ResolvedConfig, resume: str | None = None, parent_run
             raise ClframeError(f"--resume: the checkpoint was made with another config ({'; '.join(differences)})")
     stream = build_stream(config)
     strategy = build_strategy(config, stream)
-    tracker = MlflowTracker(uri, run.experiment)
+    tracker = FallbackTracker(uri, run.experiment)
     params = dict(config.flatten(), n_trainable_params=strategy.count_trainable(), n_tasks=stream.n_tasks)
     tags = {"scenario": run.scenario, "strategy": run.strategy, "model": run.model, "device": str(device),
             "clframe_version": clframe.__version__, "scenario_kind": stream.kind}
@@ -141,8 +142,8 @@ def run_experiment(config: ResolvedConfig, resume: str | None = None, parent_run
     tracker.log_metrics({"wall_time_s": wall_s}, last)
     tracker.log_file(ckpt_path, "checkpoints")
     tracker.end("FINISHED")
-    return RunResult(run_id, acc_matrix, summary, wall_s, engine.timer.rate("train"), engine.timer.rate("eval"),
-                     ckpt_path)
+    return RunResult(tracker.run_id, acc_matrix, summary, wall_s, engine.timer.rate("train"),
+                     engine.timer.rate("eval"), ckpt_path, tracker.uri)
 
 
 def format_result(result: RunResult, config: ResolvedConfig, uri: str) -> str:
@@ -152,6 +153,6 @@ def format_result(result: RunResult, config: ResolvedConfig, uri: str) -> str:
              f"average accuracy {result.summary['acc_avg']:.2f}   forgetting {result.summary['forgetting']:.2f}   "
              f"BWT {result.summary['bwt']:.2f}",
              f"train {result.train_img_s:.0f} img/s   eval {result.eval_img_s:.0f} img/s   wall {result.wall_s:.1f} s",
-             f"MLflow run {result.run_id} in experiment '{config.run.experiment}' at {uri} "
+             f"MLflow run {result.run_id} in experiment '{config.run.experiment}' at {result.tracking_uri or uri} "
              f"(clframe ui to browse)"]
     return "\n".join(lines)

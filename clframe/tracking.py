@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 from clframe.errors import ClframeError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+FALLBACK_DB = "mlflow-fallback.db"
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -86,10 +88,10 @@ class MlflowTracker:
         for start in range(0, len(items), 100):
             self._client.log_batch(self.run_id, params=items[start:start + 100])
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = timestamp_ms or int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
         for start in range(0, len(items), 500):
             self._client.log_batch(self.run_id, metrics=items[start:start + 500])
@@ -132,3 +134,156 @@ class MlflowTracker:
         if self._client is not None and self.run_id is not None:
             self._client.set_terminated(self.run_id, status=status)
             self._client = None
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def fallback_uri() -> str:
+    """The local store a run moves to when its server goes away: ``mlflow-fallback.db`` here."""
+    return f"sqlite:///{Path.cwd() / FALLBACK_DB}"
+
+
+class FallbackTracker:
+    """The tracker a run uses: an :class:`MlflowTracker` that survives its server going away.
+
+    Every call is also written to a journal (metrics with their timestamps, texts, heatmaps,
+    file paths: kilobytes). When a call to an http(s) server fails and the server no longer
+    answers ``/health``, the tracker opens a run of the same name, tags and params in the local
+    store ``sqlite:///<cwd>/mlflow-fallback.db``, replays the journal into it, says so on stderr,
+    and carries on there; nothing the run logged is lost. An error from a server that still
+    answers, or from a local store, is raised as before. A server that is down when the run
+    starts still fails at start (``check_reachable``). Once the server is back, the abandoned
+    run there is marked FAILED with a ``clframe.moved_to`` tag.
+
+    A sweep's children follow their parent: a child that falls back moves the parent (if it runs
+    in this process) to the same local store first, so the group stays together there.
+    """
+
+    _open: dict[str, "FallbackTracker"] = {}  # run id on the server -> tracker, for sweeps
+
+    def __init__(self, uri: str | None, experiment: str, notify=_warn) -> None:
+        self.primary = MlflowTracker(uri, experiment)
+        self.active = self.primary
+        self.experiment = experiment
+        self.notify = notify
+        self.journal: list[tuple[str, tuple]] = []
+        self._start: tuple | None = None
+
+    @property
+    def uri(self) -> str:
+        return self.active.uri
+
+    @property
+    def run_id(self) -> str | None:
+        return self.active.run_id
+
+    @property
+    def fell_back(self) -> bool:
+        return self.active is not self.primary
+
+    @property
+    def client(self):
+        return self.active._client
+
+    def start(self, run_name: str, tags: dict[str, str], params: dict[str, Any],
+              run_id: str | None = None, parent_run_id: str | None = None) -> str:
+        started = self.primary.start(run_name, tags, params, run_id=run_id, parent_run_id=parent_run_id)
+        self._start = (run_name, dict(tags), dict(params), parent_run_id, run_id)
+        self._open[started] = self
+        return started
+
+    def _call(self, method: str, *args) -> None:
+        self.journal.append((method, args))
+        if self.fell_back:
+            getattr(self.active, method)(*args)
+            return
+        try:
+            getattr(self.primary, method)(*args)
+        except Exception as exc:
+            if not self._server_gone():
+                raise
+            self.switch(f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+
+    def _server_gone(self) -> bool:
+        if not self.primary.uri.startswith(("http://", "https://")):
+            return False
+        try:
+            check_reachable(self.primary.uri)
+            return False
+        except ClframeError:
+            return True
+
+    def switch(self, reason: str) -> None:
+        """Move this run to the local fallback store and replay everything logged so far."""
+        if self.fell_back or self._start is None:
+            return
+        run_name, tags, params, parent_run_id, resumed_id = self._start
+        server_run = self.primary.run_id
+        tags = dict(tags, **{"clframe.fallback_from": f"{self.primary.uri} run {server_run}"})
+        if resumed_id:
+            tags["clframe.resumed_from"] = resumed_id  # earlier tasks' metrics stay on the server
+        parent = self._open.get(parent_run_id) if parent_run_id else None
+        if parent is not None:
+            parent.switch(reason)
+            parent_run_id = parent.run_id
+        elif parent_run_id:
+            tags["clframe.server_parent_run_id"], parent_run_id = parent_run_id, None
+        fallback = MlflowTracker(fallback_uri(), self.experiment)
+        try:
+            fallback.start(run_name, tags, params, parent_run_id=parent_run_id)
+            for method, args in self.journal:
+                if method != "log_file" or Path(args[0]).exists():
+                    getattr(fallback, method)(*args)
+        except Exception as exc:
+            raise ClframeError(f"MLflow server {self.primary.uri} went away ({reason}) and the local fallback "
+                               f"store {fallback.uri} failed too ({type(exc).__name__}: {exc}); the task-boundary "
+                               f"checkpoint is kept") from exc
+        self.active = fallback
+        self.notify(f"MLflow server {self.primary.uri} stopped answering ({reason}). Run '{run_name}' continues in "
+                    f"the local store {fallback.uri} as run {fallback.run_id} (experiment '{self.experiment}'); "
+                    f"everything logged so far was copied there. Browse it with: clframe compare --tracking-uri "
+                    f"{fallback.uri}   or   clframe ui --backend-store-uri {fallback.uri}")
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._call("log_params", dict(params))
+
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        self._call("log_metrics", dict(metrics), step, timestamp_ms or int(time.time() * 1000))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._call("set_tags", dict(tags))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._call("log_text", text, artifact_file)
+
+    def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._call("log_file", str(path), artifact_path)
+
+    def log_heatmap(self, acc_matrix: np.ndarray, rows_done: int, artifact_file: str = "acc_matrix.png") -> None:
+        self._call("log_heatmap", acc_matrix.copy(), rows_done, artifact_file)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self._start is None or self.active._client is None:
+            return
+        server_run = self.primary.run_id
+        if not self.fell_back:
+            try:
+                self.primary.end(status)
+            except Exception as exc:
+                if not self._server_gone():
+                    raise
+                self.switch(f"{type(exc).__name__} at the end of the run")
+        self._open.pop(server_run, None)
+        if not self.fell_back:
+            return
+        self.active.end(status)
+        self.notify(f"run '{self._start[0]}' ended {status} in the local store {self.active.uri} (run "
+                    f"{self.active.run_id}), not on {self.primary.uri}")
+        if not self._server_gone():  # the server is back: point its abandoned run at the copy
+            try:
+                self.primary._client.set_tag(server_run, "clframe.moved_to", f"{self.active.uri} run {self.active.run_id}")
+                self.primary._client.set_terminated(server_run, status="FAILED")
+            except Exception:  # noqa: BLE001 - best effort; the results are safe locally
+                pass
