@@ -1,4 +1,4 @@
-"""The ``clframe`` command line: run, list, ui.
+"""The ``clframe`` command line: run, list, compare, ui.
 
 Every user-fixable problem surfaces as one ``error:`` line and exit code 1 (click's own usage
 errors exit 2); a traceback means a bug in clframe.
@@ -32,7 +32,8 @@ def _resolve(options: dict, config_file: str | None, sets: tuple[str, ...]):
 
 @cli.command()
 @click.option("--scenario", default="split_digits", show_default=True, help=HELP["scenario"])
-@click.option("--strategy", default="linear", show_default=True, help=HELP["strategy"])
+@click.option("--strategy", "strategies", multiple=True, default=["linear"], show_default=True,
+              help=HELP["strategy"] + "; repeat it to sweep (one child run per strategy)")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file with run:, <scenario>: and <strategy>: sections")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="override any config key, e.g. epochs=2 or l2p.pool_size=20 (repeatable)")
 @click.option("--model", help=HELP["model"])
@@ -50,18 +51,28 @@ def _resolve(options: dict, config_file: str | None, sets: tuple[str, ...]):
 @click.option("--joint", is_flag=True, default=None, help=HELP["joint"])
 @click.option("--resume", metavar="RUN", help="continue a run from its last task-boundary checkpoint (MLflow run id or .pt path)")
 @click.option("--no-progress", is_flag=True, help="hide the progress bars")
-def run(scenario, strategy, config_file, sets, resume, no_progress, **options) -> None:
+@click.option("--sweep", "sweep_file", type=click.Path(dir_okay=False), help="YAML file of runs (runs: list and/or grid:) to run in turn as child runs of one parent run; see clframe/sweep.py")
+@click.option("--fail-fast", is_flag=True, help="stop a sweep at its first failing run (default: record it FAILED and go on)")
+def run(scenario, strategies, config_file, sets, resume, no_progress, sweep_file, fail_fast, **options) -> None:
     """Run one continual-learning experiment and log it to MLflow.
 
     Defaults come from configs/<strategy>.yaml and configs/<scenario>.yaml; then --config,
-    then these options, then --set (highest).
+    then these options, then --set (highest). Several --strategy values or --sweep FILE run a
+    sweep: the runs in turn, as child runs of one parent run (--run-name names the parent).
     """
     from clframe.runner import format_result, run_experiment
     from clframe.tracking import resolve_uri
 
-    options = dict(options, scenario=scenario, strategy=strategy)
+    options = dict(options, scenario=scenario, strategy=strategies[0])
     if no_progress:
         options["progress"] = False
+    if sweep_file or len(strategies) > 1:
+        from clframe.sweep import plan_sweep, run_sweep
+
+        if resume:
+            raise ClframeError("--resume continues one run, not a sweep: give one --strategy and no --sweep")
+        run_sweep(options, config_file, sets, plan_sweep(list(strategies), sweep_file), fail_fast, echo=click.echo)
+        return
     config = _resolve(options, config_file, sets)
     result = run_experiment(config, resume=resume, echo=click.echo)
     click.echo(format_result(result, config, resolve_uri(config.run.tracking_uri)))
@@ -84,6 +95,28 @@ def list_components() -> None:
         click.echo(f"  {name:24s} {first_line(STRATEGIES.get(name).obj)}")
     click.echo("configs (configs/*.yaml):")
     click.echo("  " + " ".join(builtin_config_names()))
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, metavar="[RUN]...")
+@click.option("--experiment", default="clframe", show_default=True, help="MLflow experiment to read")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db here)")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
+              show_default=True, help="output format")
+@click.option("--plot", type=click.Path(dir_okay=False), metavar="FILE.png",
+              help="also draw average accuracy and forgetting per task for these runs")
+def compare(runs, experiment, tracking_uri, fmt, plot) -> None:
+    """Compare runs, best final average accuracy first.
+
+    RUN is a run id, a unique prefix of one, a run name, or a sweep's parent run (for its
+    children); without RUN, every run of the experiment that has results.
+    """
+    from clframe.compare import compare_runs
+    from clframe.tracking import resolve_uri
+
+    click.echo(compare_runs(resolve_uri(tracking_uri), experiment, list(runs), fmt, plot))
+    if plot:
+        click.echo(f"plot written to {plot}", err=True)
 
 
 @cli.command()
