@@ -6,6 +6,8 @@ class token, prefix-tuning / DualPrompt / CODA-Prompt pass per-block key/value p
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,3 +66,43 @@ def block(blk: nn.Module, x: torch.Tensor, prefix_k: torch.Tensor | None = None,
         return blk(x)
     x = x + blk.drop_path1(blk.ls1(attention(blk.attn, blk.norm1(x), prefix_k, prefix_v)))
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
+def drop_tokens(vit: nn.Module, x: torch.Tensor, count: int) -> torch.Tensor:
+    """Remove the ``count`` tokens that follow the class/register tokens (undoes ``insert_tokens``)."""
+    if count == 0:
+        return x
+    n = num_prefix_tokens(vit)
+    return torch.cat([x[:, :n], x[:, n + count:]], dim=1)
+
+
+def pooled(vit: nn.Module, x: torch.Tensor, n_inserted: int = 0) -> torch.Tensor:
+    """Final norm and the model's own pooling (pre-logits) of the last block's output, after
+    dropping ``n_inserted`` prompt tokens: a [CLS] model reads [CLS], an average-pooled one the
+    patches only, whatever was inserted."""
+    return vit.forward_head(vit.norm(drop_tokens(vit, x, n_inserted)), pre_logits=True)
+
+
+def head_split(attn: nn.Module, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """[P, D] key or value prefix tokens as the [B, heads, P, head_dim] that ``attention`` takes."""
+    length, width = tokens.shape
+    split = tokens.reshape(length, attn.num_heads, width // attn.num_heads).transpose(0, 1)
+    return split.unsqueeze(0).expand(batch_size, -1, -1, -1)
+
+
+def patch_prompt_bound(vit: nn.Module) -> float:
+    """VPT's prompt initialisation bound: Xavier-uniform for a [3·patch_h·patch_w → D] layer,
+    i.e. the patch embedding's fan-in and the width (KMnP/vpt, ``vit_prompt/vit.py``)."""
+    proj = vit.patch_embed.proj
+    fan_in = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+    return math.sqrt(6.0 / float(fan_in + vit.embed_dim))
+
+
+def attn_branch(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The attention residual branch of a pre-norm timm block (block output = x + this + ...)."""
+    return blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
+
+
+def mlp_branch(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The MLP residual branch of a pre-norm timm block."""
+    return blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
