@@ -98,7 +98,7 @@ def select_runs(client, experiment: str, refs: list[str]) -> list:
             listed = ", ".join(f"{r.info.run_id[:8]} ({r.info.run_name})" for r in matches[:5])
             raise ClframeError(f"'{ref}' matches {len(matches)} runs: {listed}; give more of the run id")
         run = matches[0]
-        children = [r for r in has_results if r.data.tags.get(PARENT_TAG) == run.info.run_id]
+        children = [r for r in runs if r.data.tags.get(PARENT_TAG) == run.info.run_id]
         for picked in children if children and "acc_avg" not in run.data.metrics else [run]:
             chosen.setdefault(picked.info.run_id, picked)
     return list(chosen.values())

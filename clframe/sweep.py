@@ -205,8 +205,10 @@ def run_sweep(options: dict, config_file: str | None, sets: list[str], plan: Swe
             except BaseException as exc:  # noqa: BLE001 - a child's failure is recorded, then we decide
                 if _interrupted(exc):
                     status = "KILLED"
-                    raise ClframeError(f"sweep '{name}' interrupted during run {k}/{len(configs)} ({run_name}); "
-                                       f"finished runs are kept under parent run {parent.run_id}") from None
+                    stop = ClframeError(f"sweep '{name}' interrupted during run {k}/{len(configs)} ({run_name}); "
+                                        f"finished runs are kept under parent run {parent.run_id}")
+                    stop.exit_code = getattr(exc, "exit_code", 130)  # 130 for Ctrl-C, 143 for SIGTERM
+                    raise stop from None
                 message = str(exc) if isinstance(exc, ClframeError) else f"{type(exc).__name__}: {exc}"
                 echo(f"run {k}/{len(configs)} ({run_name}) FAILED: {message}")
                 failures.append(f"{run_name}: {message}")

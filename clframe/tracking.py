@@ -71,8 +71,7 @@ class MlflowTracker:
             self._client.update_run(run_id, status="RUNNING")
             self.run_id = run_id
             return run_id
-        experiment = self._client.get_experiment_by_name(self.experiment)
-        experiment_id = experiment.experiment_id if experiment else self._client.create_experiment(self.experiment)
+        experiment_id = self._experiment_id()
         all_tags = dict(tags)
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
@@ -80,6 +79,18 @@ class MlflowTracker:
         self.run_id = run.info.run_id
         self.log_params(params)
         return self.run_id
+
+    def _experiment_id(self) -> str:
+        experiment = self._client.get_experiment_by_name(self.experiment)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return self._client.create_experiment(self.experiment)
+        except Exception:  # noqa: BLE001 - another run created it meanwhile (two runs started at once)
+            experiment = self._client.get_experiment_by_name(self.experiment)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -189,7 +200,14 @@ class FallbackTracker:
 
     def start(self, run_name: str, tags: dict[str, str], params: dict[str, Any],
               run_id: str | None = None, parent_run_id: str | None = None) -> str:
-        started = self.primary.start(run_name, tags, params, run_id=run_id, parent_run_id=parent_run_id)
+        try:
+            started = self.primary.start(run_name, tags, params, run_id=run_id, parent_run_id=parent_run_id)
+        except Exception as exc:
+            if isinstance(exc, ClframeError) or not self._server_gone():
+                raise
+            raise ClframeError(f"MLflow tracking server {self.primary.uri} stopped answering as the run started "
+                               f"({type(exc).__name__}); start it again, or leave --tracking-uri out to log to "
+                               f"{DEFAULT_TRACKING_URI} here") from None
         self._start = (run_name, dict(tags), dict(params), parent_run_id, run_id)
         self._open[started] = self
         return started

@@ -1,0 +1,334 @@
+"""clframe compare, sweeps, and runs against a real ``mlflow server`` (including one that dies mid-run)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from clframe import engine as engine_module
+from clframe.cli import cli
+from clframe.compare import compare_runs
+from clframe.errors import ClframeError
+from clframe.sweep import plan_sweep
+from conftest import TINY_SETS
+from strategies.linear import Linear
+
+TWO_TASKS = [*TINY_SETS, "--set", "split_digits.n_tasks=2"]
+
+
+class ExplodingLinear(Linear):
+    """A linear probe that breaks when its second task starts (after task 0 was logged)."""
+
+    def before_task(self, experience):
+        if experience.task_id == 1:
+            raise RuntimeError("boom in task 1")
+        super().before_task(experience)
+
+
+# ----- a real MLflow server -----
+class MlflowServer:
+    def __init__(self, root: Path) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = root / "server.log"
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no job-runner processes
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/server.db",
+                 "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1",
+                 "--port", str(self.port), "--workers", "1"],
+                cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {self.log.read_text()[-2000:]}")
+            try:
+                if urllib.request.urlopen(self.url + "/health", timeout=1).read() == b"OK":
+                    return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"mlflow server did not answer /health in 90 s: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        """Stop the server and its worker processes (they share its process group)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        try:  # uvicorn's worker may outlive the parent by a moment
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    yield server
+    server.stop()
+
+
+# ----- formatting and sorting, on runs with known metrics -----
+def log_run(client, experiment_id, name, tags, history, status="FINISHED", params=None, wall=None):
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    metrics = [Metric(key, value, 1000 + step, step) for key, values in history.items()
+               for step, value in enumerate(values)]
+    if wall is not None:
+        metrics.append(Metric("wall_time_s", wall, 2000, len(history["acc_avg"]) - 1))
+    client.log_batch(run.info.run_id, metrics=metrics,
+                     params=[Param(k, str(v)) for k, v in (params or {}).items()])
+    client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def synthetic_store(tmp_path_factory):
+    uri = f"sqlite:///{tmp_path_factory.mktemp('synthetic')}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("clframe")
+    parent = client.create_run(exp, run_name="sweep-1", tags={"clframe.sweep": "parent"}).info.run_id
+    client.set_terminated(parent, "FAILED")
+
+    def tags(strategy, child=False):
+        base = {"strategy": strategy, "scenario": "split_digits", "model": "vit_tiny_patch16_224"}
+        return dict(base, **{"mlflow.parentRunId": parent}) if child else base
+
+    common = {"perf/train_img_s": [500.0, 510.0], "perf/eval_img_s": [900.0, 950.0]}
+    ids = {
+        "l2p": log_run(client, exp, "l2p-run", tags("l2p"), dict(common, acc_avg=[90.0, 70.5], forgetting=[0, 12.0],
+                       bwt=[0, -12.0], trainable_params=[1234.0, 1234.0]), params={"n_tasks": 2}, wall=12.25),
+        "linear": log_run(client, exp, "linear-run", tags("linear", child=True),
+                          dict(common, acc_avg=[80.0, 75.25], forgetting=[0, 5.0], bwt=[0, -5.0],
+                               trainable_params=[330.0, 330.0]), params={"n_tasks": 2}, wall=3.5),
+        "finetune": log_run(client, exp, "finetune-run", tags("finetune", child=True),
+                            {"acc_avg": [40.0], "forgetting": [0.0], "bwt": [0.0], "trainable_params": [32170.0]},
+                            status="FAILED", params={"n_tasks": 2}),
+        "vpt": log_run(client, exp, "vpt-run", tags("vpt"), dict(common, acc_avg=[88.0, 70.5], forgetting=[0, 3.0],
+                       bwt=[0, -1.0], trainable_params=[5000.0, 5000.0]), params={"n_tasks": 2}, wall=20.0),
+    }
+    return uri, client, parent, ids
+
+
+def invoke(*args):
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_compare_sorts_by_accuracy_in_every_format(synthetic_store, tmp_path):
+    uri, _, parent, ids = synthetic_store
+    table = invoke("compare", "--tracking-uri", uri).stdout.splitlines()
+    assert table[0].split()[:6] == ["run", "strategy", "scenario", "model", "tasks", "acc_avg"]
+    # Best accuracy first; equal accuracy: less forgetting first; the sweep parent has no results.
+    assert [line.split()[1] for line in table[1:]] == ["linear", "vpt", "l2p", "finetune"]
+    assert table[1].split() == [ids["linear"][:8], "linear", "split_digits", "vit_tiny_patch16_224", "2/2", "75.25",
+                                "5.00", "-5.00", "330", "3.5", "510", "950", "FINISHED"]
+    assert table[4].split()[4:9] == ["1/2", "40.00", "0.00", "0.00", "32,170"] and table[4].endswith("FAILED")
+
+    rows = json.loads(invoke("compare", "--tracking-uri", uri, "--format", "json").stdout)
+    assert [r["strategy"] for r in rows] == ["linear", "vpt", "l2p", "finetune"]
+    l2p = rows[2]
+    assert l2p == {"run_id": ids["l2p"], "run_name": "l2p-run", "status": "FINISHED", "strategy": "l2p",
+                   "scenario": "split_digits", "model": "vit_tiny_patch16_224", "tasks_done": 2, "n_tasks": 2,
+                   "acc_avg": 70.5, "forgetting": 12.0, "bwt": -12.0, "trainable_params": 1234,
+                   "wall_time_s": 12.25, "train_img_s": 510.0, "eval_img_s": 950.0}
+    assert rows[3]["wall_time_s"] is None and rows[3]["tasks_done"] == 1
+
+    parsed = list(csv.DictReader(io.StringIO(invoke("compare", "--tracking-uri", uri, "--format", "csv").stdout)))
+    assert [r["run_id"] for r in parsed] == [r["run_id"] for r in rows]
+    assert float(parsed[0]["acc_avg"]) == 75.25 and parsed[3]["wall_time_s"] == ""
+
+    markdown = invoke("compare", "--tracking-uri", uri, "--format", "markdown").stdout.splitlines()
+    assert markdown[0].startswith("| run | strategy |") and set(markdown[1]) <= set("|:-")
+    assert len(markdown) == 6 and "| 75.25 |" in markdown[2]
+
+    # RUN selects runs: a unique id prefix, a run name, or a sweep parent for its children.
+    picked = json.loads(invoke("compare", "--tracking-uri", uri, "--format", "json", ids["l2p"][:6],
+                               "vpt-run").stdout)
+    assert [r["strategy"] for r in picked] == ["vpt", "l2p"]
+    children = json.loads(invoke("compare", "--tracking-uri", uri, "--format", "json", parent).stdout)
+    assert [r["strategy"] for r in children] == ["linear", "finetune"]
+
+    plot = tmp_path / "plots" / "acc.png"
+    result = invoke("compare", "--tracking-uri", uri, "--plot", str(plot), ids["l2p"], ids["linear"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "plot written" in result.stderr
+
+
+def test_compare_errors_name_the_fix(synthetic_store, tmp_path, monkeypatch):
+    uri = synthetic_store[0]
+    for args, expected in ((["nope"], "no run 'nope' in experiment 'clframe'"),
+                           (["--experiment", "other"], "no experiment 'other' in this store (experiments: Default, "
+                                                       "clframe)")):
+        with pytest.raises(ClframeError, match=re.escape(expected)):
+            CliRunner().invoke(cli, ["compare", "--tracking-uri", uri, *args], catch_exceptions=False)
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    with pytest.raises(ClframeError, match="no MLflow store at sqlite:///mlflow.db"):
+        compare_runs("sqlite:///mlflow.db", "clframe")
+    assert not (tmp_path / "empty" / "mlflow.db").exists()  # reading never creates an empty store
+
+
+# ----- sweeps -----
+def test_sweep_plan_expands_strategies_runs_and_grid(tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("runs:\n  - {}\n  - {strategy: finetune, set: {lr: 0.001}}\ngrid:\n  seed: [0, 1]\n")
+    plan = plan_sweep(["linear", "vpt"], str(sweep))
+    assert [(c.strategy, c.sets) for c in plan.children] == [
+        ("linear", ["seed=0"]), ("vpt", ["seed=0"]), ("linear", ["seed=1"]), ("vpt", ["seed=1"]),
+        ("finetune", ["lr=0.001", "seed=0"]), ("finetune", ["lr=0.001", "seed=1"])]
+    assert [c.strategy for c in plan_sweep(["linear", "finetune"]).children] == ["linear", "finetune"]
+    sweep.write_text("runs: [{strategy: linear, bogus: 1}]\n")
+    with pytest.raises(Exception, match="keys among"):
+        plan_sweep(["linear"], str(sweep))
+
+
+def sweep_children(uri, parent_id):
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("clframe").experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+                              order_by=["attributes.start_time ASC"])
+    return client, runs
+
+
+def test_sweep_records_a_failing_child_and_goes_on_or_stops(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sweep.yaml").write_text(
+        "name: mixed\nruns:\n  - strategy: test_compare:ExplodingLinear\n"
+        "  - {strategy: linear, set: {weights: missing.pth}}\n  - strategy: linear\n")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    base = ["run", "--sweep", "sweep.yaml", *TWO_TASKS, "--tracking-uri", uri, "--set", f"checkpoint_dir={tmp_path}/ckpt"]
+    client = MlflowClient(uri)
+    for fail_fast in (False, True):
+        result = CliRunner().invoke(cli, base + (["--fail-fast", "--run-name", "mixed-ff"] if fail_fast else []))
+        assert result.exit_code == 1 and "runs failed" in str(result.exception)
+        parent = client.search_runs([client.get_experiment_by_name("clframe").experiment_id],
+                                    filter_string=f"attributes.run_name = '{'mixed-ff' if fail_fast else 'mixed'}'")[0]
+        assert parent.info.status == "FAILED" and parent.data.tags["clframe.sweep"] == "parent"
+        assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"sweep.yaml"}
+        _, children = sweep_children(uri, parent.info.run_id)
+        exploded = children[0]
+        assert exploded.info.status == "FAILED" and "boom in task 1" in exploded.data.tags["clframe.error"]
+        assert [m.step for m in client.get_metric_history(exploded.info.run_id, "acc_avg")] == [0]  # task 0 kept
+        if fail_fast:
+            assert len(children) == 1 and "(--fail-fast: 2 not started)" in str(result.exception)
+            continue
+        assert [c.info.status for c in children] == ["FAILED", "FAILED", "FINISHED"]
+        assert "no such file" in children[1].data.tags["clframe.error"]  # failed before its run opened
+        assert children[1].data.params["run.weights"] == "missing.pth"
+        assert [m.step for m in client.get_metric_history(children[2].info.run_id, "acc_avg")] == [0, 1]
+        summary = result.stdout[result.stdout.index("sweep 'mixed' ("):].splitlines()
+        assert [line.split()[1] for line in summary[2:]] == ["test_compare:ExplodingLinear", "linear", "linear"]
+        assert [line.split()[-1] for line in summary[2:]] == ["FAILED", "FINISHED", "FAILED"]  # no results: last
+
+
+# ----- against a real server -----
+def test_runs_on_a_real_server_arrive_whole(mlflow_server, tmp_path):
+    base = ["run", *TWO_TASKS, "--tracking-uri", mlflow_server.url, "--set", f"checkpoint_dir={tmp_path}/ckpt"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    # Two runs at once, as two users would start them (this also checks that creating the experiment
+    # does not race): one as a separate process, one in this process while the other is running.
+    proc = subprocess.Popen([sys.executable, "-m", "clframe", *base, "--strategy", "linear"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    in_process = CliRunner().invoke(cli, [*base, "--strategy", "finetune"], catch_exceptions=False)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    assert in_process.exit_code == 0, in_process.output
+    for out, err in ((out, err), (in_process.stdout, in_process.stderr)):
+        assert f"at {mlflow_server.url}" in out and "stopped answering" not in err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlflow-fallback.db").exists()
+
+    client = MlflowClient(mlflow_server.url)
+    runs = client.search_runs([client.get_experiment_by_name("clframe").experiment_id])
+    assert sorted(r.data.tags["strategy"] for r in runs) == ["finetune", "linear"]
+    for run in runs:
+        run_id = run.info.run_id
+        assert run.info.status == "FINISHED" and run.info.run_name.startswith(f"{run.data.tags['strategy']}-split_digits-")
+        assert run.data.tags["model"] == "vit_tiny_patch16_224" and "clframe_version" in run.data.tags
+        assert run.data.params["split_digits.n_tasks"] == "2" and run.data.params["run.epochs"] == "1"
+        assert int(run.data.params["n_trainable_params"]) == int(run.data.metrics["trainable_params"]) > 0
+        for key in ("acc_avg", "forgetting", "bwt", "perf/train_img_s"):
+            assert [m.step for m in client.get_metric_history(run_id, key)] == [0, 1]
+        assert [m.step for m in client.get_metric_history(run_id, "acc/task_0")] == [0, 1]
+        assert "wall_time_s" in run.data.metrics
+        assert {a.path for a in client.list_artifacts(run_id)} >= {"config.yaml", "acc_matrix.csv", "acc_matrix.png",
+                                                                    "checkpoints"}
+        assert [a.path for a in client.list_artifacts(run_id, "checkpoints")] == ["checkpoints/last.pt"]
+        matrix = Path(client.download_artifacts(run_id, "acc_matrix.csv", str(tmp_path))).read_text().splitlines()
+        assert matrix[0] == "after_task,task_0,task_1" and len(matrix) == 3
+
+    rows = json.loads(invoke("compare", "--tracking-uri", mlflow_server.url, "--format", "json", "--plot",
+                             str(tmp_path / "curves.png")).stdout)
+    by_id = {r.info.run_id: r for r in runs}
+    assert sorted(r["run_id"] for r in rows) == sorted(by_id)
+    assert rows[0]["acc_avg"] >= rows[1]["acc_avg"]
+    for row in rows:
+        run = by_id[row["run_id"]]
+        assert row["strategy"] == run.data.tags["strategy"] and row["tasks_done"] == 2 and row["n_tasks"] == 2
+        for key in ("acc_avg", "forgetting", "bwt", "wall_time_s"):
+            assert row[key] == run.data.metrics[key]
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_server_going_away_mid_run_loses_nothing(tmp_path, monkeypatch):
+    """A sweep of two runs; the server dies after the first run logged task 0. That run carries on in
+    ./mlflow-fallback.db, whole; the parent run moves there too and the second run goes straight there."""
+    server = MlflowServer(tmp_path)
+    try:
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail over in a second, not after back-off
+        train_task = engine_module.Engine.train_task
+
+        def dying_server_train_task(self, experience):
+            if experience.task_id == 1:
+                server.stop()
+            return train_task(self, experience)
+
+        monkeypatch.setattr(engine_module.Engine, "train_task", dying_server_train_task)
+        result = CliRunner().invoke(cli, ["run", "--strategy", "linear", "--strategy", "finetune", *TWO_TASKS, "--tracking-uri", server.url,
+                                          "--set", f"checkpoint_dir={tmp_path}/ckpt"], catch_exceptions=False)
+    finally:
+        server.stop()
+    assert result.exit_code == 0, result.output
+    fallback = f"sqlite:///{tmp_path / 'mlflow-fallback.db'}"
+    assert "stopped answering" in result.stderr and f"continues in the local store {fallback}" in result.stderr
+    client = MlflowClient(fallback)
+    runs = client.search_runs([client.get_experiment_by_name("clframe").experiment_id],
+                              order_by=["attributes.start_time ASC"])
+    children = [r for r in runs if "clframe.sweep" not in r.data.tags]
+    assert [r.data.tags["strategy"] for r in children] == ["linear", "finetune"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    moved = children[0]  # started on the server, finished locally; task 0 was replayed from the journal
+    assert moved.data.tags["clframe.fallback_from"].startswith(server.url)
+    for key in ("acc_avg", "forgetting", "acc/task_0", "trainable_params"):
+        assert [m.step for m in client.get_metric_history(moved.info.run_id, key)] == [0, 1]
+    assert moved.data.params["split_digits.n_tasks"] == "2"
+    assert {a.path for a in client.list_artifacts(moved.info.run_id)} >= {"config.yaml", "acc_matrix.csv",
+                                                                          "acc_matrix.png", "checkpoints"}
+    printed = result.stdout.split("average accuracy ")[1].split()[0]
+    assert f"{moved.data.metrics['acc_avg']:.2f}" == printed  # the finished result is the one reported
+    assert f"MLflow run {moved.info.run_id} in experiment 'clframe' at {fallback}" in result.stdout
+    parent = next(r for r in runs if "clframe.sweep" in r.data.tags)
+    assert parent.data.tags["clframe.fallback_from"].startswith(server.url)
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    assert "clframe.fallback_from" not in children[1].data.tags
+    assert [m.step for m in client.get_metric_history(children[1].info.run_id, "acc_avg")] == [0, 1]
