@@ -192,10 +192,11 @@ def run_sweep(options: dict, config_file: str | None, sets: list[str], plan: Swe
     try:
         for k, (child, config) in enumerate(zip(plan.children, configs), start=1):
             started = k
-            run_name = f"{config.run.strategy}-{config.run.scenario}-{time.strftime('%m%d-%H%M%S')}"
-            run_name = next(f"{run_name}-{n}" if n else run_name for n in itertools.count()
-                            if (f"{run_name}-{n}" if n else run_name) not in used_names)
+            run_name = base_name = f"{config.run.strategy}-{config.run.scenario}-{time.strftime('%m%d-%H%M%S')}"
+            while run_name in used_names:  # unique within the sweep, so a failure can be found by name
+                run_name = f"{base_name}-{len(used_names)}"
             used_names.add(run_name)
+            parent.follow_server()  # a server gone between two runs: the rest of the sweep goes local
             config.run = dataclasses.replace(config.run, run_name=run_name,
                                              tracking_uri=parent.uri if parent.fell_back else config.run.tracking_uri)
             echo(f"\n[{k}/{len(configs)}] {run_name}: {child.label()}")

@@ -233,6 +233,11 @@ class FallbackTracker:
         except ClframeError:
             return True
 
+    def follow_server(self) -> None:
+        """Move to the local store now if the server has gone away (a sweep asks between runs)."""
+        if not self.fell_back and self._start is not None and self._server_gone():
+            self.switch("its /health does not answer")
+
     def switch(self, reason: str) -> None:
         """Move this run to the local fallback store and replay everything logged so far."""
         if self.fell_back or self._start is None:
