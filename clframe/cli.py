@@ -1,7 +1,7 @@
 """The ``clframe`` command line: run, list, compare, ui.
 
-Every user-fixable problem surfaces as one ``error:`` line and exit code 1 (click's own usage
-errors exit 2); a traceback means a bug in clframe.
+Every user-fixable problem surfaces as one ``error:`` line on stderr and exit code 1 (usage
+errors that click catches exit 2, an interrupted run 130 or 143); a traceback means a bug.
 """
 from __future__ import annotations
 
@@ -22,12 +22,31 @@ def cli() -> None:
     """clframe: continual-learning experiments on timm ViTs, tracked in MLflow."""
 
 
-def _resolve(options: dict, config_file: str | None, sets: tuple[str, ...]):
+def _resolve(options: dict, config_file: str | None, sets: tuple[str, ...], base: dict | None = None):
     from clframe.registry import SCENARIOS, STRATEGIES
 
     scenario = SCENARIOS.get(options["scenario"])
     strategy = STRATEGIES.get(options["strategy"])
-    return resolve_config(options, config_file, list(sets), scenario.config_cls, strategy.config_cls)
+    return resolve_config(options, config_file, list(sets), scenario.config_cls, strategy.config_cls, base)
+
+
+def _resume_base(target: str, options: dict, config_file: str | None, sets: tuple[str, ...]) -> tuple[str, dict]:
+    """``--resume RUN``: the checkpoint's config is the starting point, so the bare command resumes;
+    options given now are checked against it by the runner (any difference is refused)."""
+    from click.core import ParameterSource
+
+    from clframe.checkpoint import locate
+
+    path, base = locate(target, config_file, sets)
+    ctx = click.get_current_context()
+    saved = base.get("run", {})
+    for name, param in (("scenario", "scenario"), ("strategy", "strategies")):
+        if ctx.get_parameter_source(param) in (None, ParameterSource.DEFAULT):
+            options[name] = saved[name]
+        elif options[name] != saved[name]:
+            raise ClframeError(f"--resume {target}: that run used --{name} {saved[name]}, not {options[name]}; "
+                               f"leave --{name} out")
+    return str(path), base
 
 
 @cli.command()
@@ -73,7 +92,10 @@ def run(scenario, strategies, config_file, sets, resume, no_progress, sweep_file
             raise ClframeError("--resume continues one run, not a sweep: give one --strategy and no --sweep")
         run_sweep(options, config_file, sets, plan_sweep(list(strategies), sweep_file), fail_fast, echo=click.echo)
         return
-    config = _resolve(options, config_file, sets)
+    base = None
+    if resume:
+        resume, base = _resume_base(resume, options, config_file, sets)
+    config = _resolve(options, config_file, sets, base)
     result = run_experiment(config, resume=resume, echo=click.echo)
     click.echo(format_result(result, config, resolve_uri(config.run.tracking_uri)))
 
@@ -133,15 +155,25 @@ def ui(backend_store_uri, port, host) -> None:
     os.execv(sys.executable, args)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The console script: every failure a user can cause ends as one ``error:`` line on stderr."""
     try:
-        cli(standalone_mode=True)
+        code = cli.main(args=argv, standalone_mode=False)
+    except click.ClickException as exc:  # usage errors: unknown option, a value click cannot convert
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        click.echo(f"error: {exc.format_message()}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
     except ClframeError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(getattr(exc, "exit_code", 1))
     except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+        click.echo("error: interrupted", err=True)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
 
 
 if __name__ == "__main__":

@@ -261,9 +261,11 @@ def _merge(target: dict[str, dict], layer: dict[str, Any], sections: set[str], o
 
 
 def resolve_config(cli_values: dict[str, Any], config_file: str | None, sets: list[str],
-                   scenario_config_cls: type, strategy_config_cls: type) -> ResolvedConfig:
+                   scenario_config_cls: type, strategy_config_cls: type,
+                   base: dict[str, Any] | None = None) -> ResolvedConfig:
     """Merge, lowest first: dataclass defaults, configs/<strategy>.yaml, configs/<scenario>.yaml,
-    the ``--config`` file, explicit CLI options, then ``--set`` overrides.
+    ``base`` (a resumed run's saved config), the ``--config`` file, explicit CLI options, then
+    ``--set`` overrides.
 
     The scenario's file comes after the strategy's because it knows the data's compute budget
     (e.g. the offline digits scenario picks a small model whatever the strategy).
@@ -273,6 +275,8 @@ def resolve_config(cli_values: dict[str, Any], config_file: str | None, sets: li
     merged: dict[str, dict] = {}
     _merge(merged, builtin_config(strategy), sections, f"configs/{strategy}.yaml")
     _merge(merged, builtin_config(scenario), sections, f"configs/{scenario}.yaml")
+    if base:
+        _merge(merged, base, sections, "the checkpoint's config")
     if config_file:
         _merge(merged, load_yaml(config_file, "config file"), sections, config_file)
     merged.setdefault("run", {}).update({k: v for k, v in cli_values.items() if v is not None})

@@ -3,7 +3,7 @@
 The engine owns devices, mixed precision, batching, augmentation, optimisation and metrics; a
 strategy only answers its hooks. Data for a task is moved to the device once, as uint8, and
 augmented there; the step loop never synchronises with the host (losses accumulate on device
-and are read once per epoch).
+and are read once per epoch; a NaN/inf loss is spotted within a step or two by DivergenceWatch).
 """
 from __future__ import annotations
 
@@ -27,6 +27,51 @@ from strategies.base import Batch, Strategy
 
 class TrainingDiverged(ClframeError):
     """The loss became NaN or infinite."""
+
+
+class DivergenceWatch:
+    """Finds the first training step whose loss is NaN or infinite without a host sync per step.
+
+    The step number lives on the device (``first``, -1 while every loss is finite) and is updated
+    by a few tiny kernels per step. On CUDA, each step also queues a non-blocking copy of it to
+    pinned host memory behind an event; the host reads that copy only once the event has
+    completed, so it learns of a bad loss a step or two late and never waits for the GPU. On the
+    CPU the value is already on the host.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.first = torch.full((), -1, dtype=torch.long, device=device)
+        self.value = torch.zeros((), device=device)
+        self.cuda = device.type == "cuda"
+        self.host = torch.full((), -1, dtype=torch.long).pin_memory() if self.cuda else None
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.copying = False  # a copy to ``host`` is queued behind ``event``
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        newly_bad = ~torch.isfinite(loss.detach()) & (self.first < 0)
+        self.first = torch.where(newly_bad, step, self.first)
+        self.value = torch.where(newly_bad, loss.detach().float(), self.value)
+
+    def poll(self) -> int | None:
+        """The first bad step if the host can know it now without waiting, else None."""
+        if not self.cuda:
+            return self._read(self.first)
+        if self.copying and not self.event.query():
+            return None
+        bad = self._read(self.host) if self.copying else None
+        self.host.copy_(self.first, non_blocking=True)
+        self.event.record()
+        self.copying = True
+        return bad
+
+    def result(self) -> int | None:
+        """The first bad step, waiting for the device (once per epoch)."""
+        return self._read(self.first)
+
+    @staticmethod
+    def _read(value: torch.Tensor) -> int | None:
+        step = int(value)
+        return step if step >= 0 else None
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -75,6 +120,7 @@ class Engine:
         self.log_metrics = log_metrics
         self.on_task_end = on_task_end
         self.timer = PhaseTimer()
+        self.optimizer: torch.optim.Optimizer | None = None
         self.train_experiences = [stream.joint_experience()] if self.run.joint else stream.experiences
         self.state = EngineState(acc_matrix=np.full((len(self.train_experiences), stream.n_tasks), np.nan))
         self.image_size, mean, std = strategy.input_spec()
@@ -113,42 +159,59 @@ class Engine:
         labels = experience.train_labels.to(self.device, non_blocking=True)
         n = len(labels)
         steps = math.ceil(n / run.batch_size)
-        bar = tqdm(total=run.epochs * steps, desc=f"task {task + 1}/{len(self.train_experiences)}",
-                   disable=not run.progress, leave=True, dynamic_ncols=True, mininterval=0.5)
+        self.optimizer = optimizer  # kept for the task-boundary checkpoint
+        watch = DivergenceWatch(self.device)
         strategy.train()
         self._sync()
         start = time.perf_counter()
-        for epoch in range(run.epochs):
-            permutation = torch.randperm(n, generator=order).to(self.device)
-            loss_sum = torch.zeros((), device=self.device)
-            for step in range(steps):
-                index = permutation[step * run.batch_size:(step + 1) * run.batch_size]
-                batch = Batch(prepare(images[index], self.image_size, self.mean, self.std, train=run.train_aug,
-                                      generator=augment), labels[index], task, True, index)
-                with self.autocast():
-                    out = strategy(batch)
-                loss = strategy.loss(out, batch, class_mask)
-                if optimizer is not None:
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if run.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(params, run.grad_clip)
-                    optimizer.step()
-                loss_sum += loss.detach()
-                bar.update(1)
-            epoch_loss = (loss_sum / steps).item()  # the one host sync per epoch
-            if not math.isfinite(epoch_loss):
-                bar.close()
-                raise TrainingDiverged(f"loss became {epoch_loss} in task {task} epoch {epoch}; lower --lr "
-                                       f"or check the data (finished tasks are kept)")
-            bar.set_postfix(loss=f"{epoch_loss:.4f}")
-            self.state.epochs_done += 1
-            self.log_metrics({"train/loss": epoch_loss}, self.state.epochs_done - 1)
+        bar = tqdm(total=run.epochs * steps, desc=f"task {task + 1}/{len(self.train_experiences)}",
+                   disable=not run.progress, leave=True, dynamic_ncols=True, mininterval=0.5)
+        try:  # the bar is closed even when a signal or a NaN stops the task, so messages start a line
+            for epoch in range(run.epochs):
+                permutation = torch.randperm(n, generator=order).to(self.device)
+                loss_sum = torch.zeros((), device=self.device)
+                for step in range(steps):
+                    index = permutation[step * run.batch_size:(step + 1) * run.batch_size]
+                    batch = Batch(prepare(images[index], self.image_size, self.mean, self.std, train=run.train_aug,
+                                          generator=augment), labels[index], task, True, index)
+                    with self.autocast():
+                        out = strategy(batch)
+                    loss = strategy.loss(out, batch, class_mask)
+                    if optimizer is not None:
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        if run.grad_clip > 0:
+                            torch.nn.utils.clip_grad_norm_(params, run.grad_clip)
+                        optimizer.step()
+                    loss_sum += loss.detach()
+                    watch.update(loss, epoch * steps + step)
+                    bar.update(1)
+                    if watch.poll() is not None:
+                        break
+                bad_step = watch.result()  # with the line below, the one host sync per epoch
+                epoch_loss = (loss_sum / steps).item()
+                if bad_step is not None or not math.isfinite(epoch_loss):
+                    value = float(watch.value) if bad_step is not None else epoch_loss
+                    raise self._diverged(experience, bad_step, value, epoch, steps)
+                bar.set_postfix(loss=f"{epoch_loss:.4f}")
+                self.state.epochs_done += 1
+                self.log_metrics({"train/loss": epoch_loss}, self.state.epochs_done - 1)
+        finally:
+            bar.close()
         self._sync()
         self.timer.seconds["train"] += time.perf_counter() - start
         self.timer.images["train"] += n * run.epochs
-        bar.close()
         strategy.after_task(experience)
+
+    def _diverged(self, experience: Experience, bad_step: int | None, value: float, epoch: int,
+                  steps: int) -> TrainingDiverged:
+        where = f"task {experience.task_id + 1}/{len(self.train_experiences)} (task index {experience.task_id})"
+        if bad_step is None:  # every step was finite but their sum overflowed
+            at = f"in epoch {epoch + 1}/{self.run.epochs}"
+        else:
+            at = (f"at epoch {bad_step // steps + 1}/{self.run.epochs}, step {bad_step % steps + 1}/{steps} "
+                  f"(step {bad_step + 1} of the task)")
+        return TrainingDiverged(f"training loss became {value} in {where} {at}; lower --lr or check the data")
 
     # ----- evaluation -----
     def eval_class_mask(self) -> torch.Tensor | None:

@@ -44,6 +44,9 @@ def create_backbone(run: RunConfig) -> nn.Module:
     except (RuntimeError, KeyError, ValueError) as exc:
         if run.weights:
             first = " ".join(line.strip() for line in str(exc).strip().splitlines()[:3])[:300]
+            if any(word in first.lower() for word in ("pickle", "weights_only", "load key", "zip", "header")):
+                raise ClframeError(f"--weights {run.weights} is not a readable weights file (expected a state dict "
+                                   f"saved with torch.save, or .safetensors): {first.split('. ')[0][:160]}") from None
             raise ClframeError(f"--weights {run.weights} does not fit model '{run.model}': {first}") from None
         raise
     except OSError as exc:  # includes network errors from the HF hub
