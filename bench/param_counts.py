@@ -47,7 +47,8 @@ def build(name: str, model: str, n_classes: int, kind: str, device: str, scenari
     sets = [f"model={model}", "pretrained=false", "weights=null", "device=cpu"]
     config = resolve_config({"scenario": scenario, "strategy": name}, None, sets,
                             SCENARIOS.get(scenario).config_cls, entry.config_cls)
-    info = StreamInfo(kind, n_classes, [f"class_{i}" for i in range(n_classes)], ["domain_0", "domain_1"], 10)
+    names = [f"category {i}" for i in range(n_classes)]  # words, not placeholders: CLIP strategies prompt with them
+    info = StreamInfo(kind, n_classes, names, ["domain_0", "domain_1"], 10)
     with torch.device(device):
         return entry.obj(config.strategy, config.run, info), config
 
