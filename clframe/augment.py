@@ -42,15 +42,25 @@ def random_resized_crop_theta(n: int, generator: torch.Generator, device: torch.
 
 
 def prepare(images: torch.Tensor, size: int, mean: tuple[float, ...] | None, std: tuple[float, ...] | None,
-            train: bool, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 [B, 3, H, W] on any device -> float [B, 3, size, size], augmented when ``train``."""
+            train: bool, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+            crop_scale_min: float = 0.08, test_crop: float = 1.0) -> torch.Tensor:
+    """uint8 [B, 3, H, W] on any device -> float [B, 3, size, size], augmented when ``train``.
+
+    Test mode resizes to ``size / test_crop`` and keeps the centre ``size`` pixels
+    (``test_crop=224/256`` is the usual Resize(256) + CenterCrop(224)); 1.0 is a plain resize.
+    """
     x = images.to(torch.float32).div_(255.0)
     if train and generator is not None:
-        theta = random_resized_crop_theta(len(x), generator, x.device)
+        theta = random_resized_crop_theta(len(x), generator, x.device, scale=(crop_scale_min, 1.0))
         grid = F.affine_grid(theta, [len(x), x.shape[1], size, size], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    elif x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    else:
+        resized = size if test_crop >= 1.0 else int(round(size / test_crop))
+        if x.shape[-1] != resized or x.shape[-2] != resized:
+            x = F.interpolate(x, size=(resized, resized), mode="bilinear", align_corners=False, antialias=True)
+        if resized != size:
+            top = (resized - size) // 2
+            x = x[..., top:top + size, top:top + size]
     if mean is not None and std is not None:
         x = (x - _stats(mean, x.device)) / _stats(std, x.device)
     return x.to(dtype)

@@ -67,6 +67,9 @@ class RunConfig:
     weight_decay: float = option(0.0, "weight decay", min=0.0)
     grad_clip: float = option(1.0, "clip the global grad norm to this; 0 disables", min=0.0)
     train_aug: bool = option(True, "random-resized-crop + horizontal flip at training")
+    crop_scale_min: float = option(0.08, "smallest crop area of the training random-resized-crop", min=0.01)
+    test_crop: float = option(1.0, "test: resize to size/test_crop, keep the centre (0.875 = Resize 256 + "
+                              "CenterCrop 224); 1 = plain resize", min=0.1)
     device: str = option("auto", "where to run", choices=("auto", "cpu", "cuda"))
     amp: str = option("auto", "mixed precision: bf16 autocast on CUDA when auto", choices=("auto", "bf16", "off"))
     frozen_bf16: bool = option(True, "under bf16 autocast, hold frozen Linear/Conv weights in bf16 (same "

@@ -173,7 +173,8 @@ class Engine:
                 for step in range(steps):
                     index = permutation[step * run.batch_size:(step + 1) * run.batch_size]
                     batch = Batch(prepare(images[index], self.image_size, self.mean, self.std, train=run.train_aug,
-                                          generator=augment), labels[index], task, True, index)
+                                          generator=augment, crop_scale_min=run.crop_scale_min),
+                                  labels[index], task, True, index)
                     with self.autocast():
                         out = strategy(batch)
                     loss = strategy.loss(out, batch, class_mask)
@@ -233,9 +234,11 @@ class Engine:
         self._sync()
         start = time.perf_counter()
         for first in range(0, len(labels), size):
-            index = torch.arange(first, min(first + size, len(labels)), device=self.device)
-            batch = Batch(prepare(images[index], self.image_size, self.mean, self.std, train=False),
-                          labels[index], experience.task_id, False, index)
+            end = min(first + size, len(labels))
+            index = torch.arange(first, end, device=self.device)
+            batch = Batch(prepare(images[index], self.image_size, self.mean, self.std, train=False,
+                                  test_crop=self.run.test_crop),
+                          labels[index], experience.task_id, False, index, eval_slice=(first, end))
             with self.autocast():
                 logits = strategy(batch).logits.float()
             if class_mask is not None:

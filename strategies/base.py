@@ -75,7 +75,11 @@ class Batch:
     labels: torch.Tensor
     task_id: int  # the task the images come from (reporting only at test time)
     training: bool
-    index: torch.Tensor | None = None  # positions in the task's split, for exact feature caches
+    index: torch.Tensor | None = None  # positions in the task's split
+    # At evaluation, the [first, end) positions of these images in the task's test set, on the host:
+    # the same (task_id, eval_slice) always holds the same images, so a strategy may cache what depends
+    # only on its frozen model (see clframe.query_cache) without a device sync.
+    eval_slice: tuple[int, int] | None = None
 
 
 @dataclass

@@ -16,6 +16,7 @@ from torch import nn
 from clframe.config import RunConfig, option
 from clframe.key_index import BACKENDS
 from clframe.models import create_backbone, feature_dim, freeze, frozen_features
+from clframe.query_cache import FrozenQueryCache
 from clframe.prompt_pool import PromptPool, SelectionStats
 from clframe.registry import register_strategy
 from clframe.vit import embed, insert_tokens, num_prefix_tokens
@@ -39,6 +40,8 @@ class L2PConfig(StrategyConfig):
     head_input: str = option("prompts", "head reads the mean of the prompt tokens, or [CLS]",
                              choices=("prompts", "cls"))
     key_index: str = option("auto", "nearest-key lookup backend", choices=BACKENDS)
+    cache_queries: bool = option(True, "compute each test image's frozen query once per run (exact: the "
+                                 "query model is frozen and test images are not augmented)")
     diversity: float = option(0.0, "prompt-frequency penalty at training: rank by cosine minus this x each "
                               "prompt's share of earlier tasks' selections (0 = off)", min=0.0)
 
@@ -72,6 +75,7 @@ class L2P(Strategy):
         nn.init.trunc_normal_(self.head.weight, std=0.02)  # timm's head init, as the reference's
         nn.init.zeros_(self.head.bias)
         self.stats = SelectionStats(info.n_tasks, config.pool_size)
+        self.query_cache = FrozenQueryCache(config.cache_queries)
 
     def query(self, images: torch.Tensor) -> torch.Tensor:
         """The frozen model's pre-logits feature of the unprompted images (no autograd)."""
@@ -94,7 +98,7 @@ class L2P(Strategy):
         return -self.config.diversity * self.stats.train_frequency(self.task_id)
 
     def forward(self, batch: Batch) -> ForwardOutput:
-        query = self.query(batch.images)
+        query = self.query_cache(batch, self.query)
         if batch.training:
             ids = self.pool.select(query, self.config.train_selection, self.selection_bias())
             self.stats.observe_train(batch.task_id, ids)

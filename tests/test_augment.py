@@ -37,3 +37,17 @@ def test_full_crop_without_flip_is_identity():
     grid = F.affine_grid(theta, [2, 3, 16, 16], align_corners=False)
     out = F.grid_sample(images.float() / 255, grid, align_corners=False)
     assert torch.allclose(out, images.float() / 255, atol=1e-5)
+
+
+def test_test_crop_is_resize_then_centre_crop():
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    out = prepare(images, 14, None, None, train=False, test_crop=0.875)  # resize to 16, keep centre 14
+    resized = F.interpolate(images.float() / 255, size=(16, 16), mode="bilinear", align_corners=False,
+                            antialias=True)
+    assert torch.allclose(out, resized[..., 1:15, 1:15], atol=1e-6)
+
+
+def test_crop_scale_min_bounds_the_area():
+    theta = random_resized_crop_theta(2000, torch.Generator().manual_seed(0), torch.device("cpu"), scale=(0.5, 1.0))
+    area = theta[:, 0, 0].abs() * theta[:, 1, 1]
+    assert area.min() >= 0.5 * 0.99 * 0.75  # sides clamped to the image can only shrink the ratio's area
