@@ -129,7 +129,7 @@ class Engine:
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         if use_bf16 and self.run.frozen_bf16:
             fastpath.hold_frozen_in_bf16(self.strategy)
-        if self.run.compile and device.type == "cuda":
+        if self.run.compile == "on" or (self.run.compile == "auto" and device.type == "cuda"):
             fastpath.compile_blocks(self.strategy.backbone)
 
     def autocast(self) -> contextlib.AbstractContextManager:
