@@ -49,6 +49,7 @@ def stratified_split(labels: torch.Tensor, test_fraction: float, seed: int) -> t
 
 @register_scenario("split_digits", config=SplitDigitsConfig)
 def split_digits(cfg: SplitDigitsConfig, run: RunConfig) -> Stream:
+    """Class-IL, offline: scikit-learn's bundled digits, 5 tasks x 2 classes (no download)."""
     images, labels = load_digits_uint8()
     train_idx, test_idx = stratified_split(labels, cfg.test_fraction, run.seed)
     order = class_order(10, run.seed, cfg.shuffle_classes)

@@ -18,6 +18,8 @@ class FinetuneConfig(StrategyConfig):
 
 @register_strategy("finetune")
 class Finetune(Strategy):
+    """Full fine-tuning: every weight trains on each task in turn (the forgetting lower bound)."""
+
     config_cls = FinetuneConfig
 
     def __init__(self, config: FinetuneConfig, run: RunConfig, info: StreamInfo) -> None:
