@@ -43,15 +43,25 @@ def random_resized_crop_theta(n: int, generator: torch.Generator, device: torch.
 
 def prepare(images: torch.Tensor, size: int, mean: tuple[float, ...] | None, std: tuple[float, ...] | None,
             train: bool, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
-            crop_scale_min: float = 0.08, test_crop: float = 1.0) -> torch.Tensor:
+            crop_scale_min: float = 0.08, test_crop: float = 1.0,
+            rows: tuple[int, int] | None = None) -> torch.Tensor:
     """uint8 [B, 3, H, W] on any device -> float [B, 3, size, size], augmented when ``train``.
+
+    ``rows=(offset, total)`` says the images are rows ``offset..offset+B-1`` of a batch of ``total``
+    (one rank's shard of a global batch): the crops of all ``total`` images are drawn and this
+    shard's are used, so every rank consumes the generator as a single process does.
 
     Test mode resizes to ``size / test_crop`` and keeps the centre ``size`` pixels
     (``test_crop=224/256`` is the usual Resize(256) + CenterCrop(224)); 1.0 is a plain resize.
     """
     x = images.to(torch.float32).div_(255.0)
     if train and generator is not None:
-        theta = random_resized_crop_theta(len(x), generator, x.device, scale=(crop_scale_min, 1.0))
+        offset, total = rows if rows is not None else (0, len(x))
+        theta = random_resized_crop_theta(total, generator, x.device, scale=(crop_scale_min, 1.0))
+        theta = theta[offset:offset + len(x)]
+    if not len(x):  # an empty shard (fewer images than ranks in a last batch)
+        return x.new_zeros(0, x.shape[1], size, size, dtype=dtype)
+    if train and generator is not None:
         grid = F.affine_grid(theta, [len(x), x.shape[1], size, size], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     else:

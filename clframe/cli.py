@@ -72,13 +72,20 @@ def _resume_base(target: str, options: dict, config_file: str | None, sets: tupl
 @click.option("--no-progress", is_flag=True, help="hide the progress bars")
 @click.option("--sweep", "sweep_file", type=click.Path(dir_okay=False), help="YAML file of runs (runs: list and/or grid:) to run in turn as child runs of one parent run; see clframe/sweep.py")
 @click.option("--fail-fast", is_flag=True, help="stop a sweep at its first failing run (default: record it FAILED and go on)")
-def run(scenario, strategies, config_file, sets, resume, no_progress, sweep_file, fail_fast, **options) -> None:
+@click.option("--gpus", "--nproc", "nproc", type=click.IntRange(min=1), metavar="N",
+              help="data-parallel over N processes: launches torchrun --nproc-per-node N with the same arguments "
+                   "(one per GPU; with --device cpu, N CPU processes over gloo)")
+def run(scenario, strategies, config_file, sets, resume, no_progress, sweep_file, fail_fast, nproc, **options) -> None:
     """Run one continual-learning experiment and log it to MLflow.
 
     Defaults come from configs/<strategy>.yaml and configs/<scenario>.yaml; then --config,
     then these options, then --set (highest). Several --strategy values or --sweep FILE run a
     sweep: the runs in turn, as child runs of one parent run (--run-name names the parent).
     """
+    from clframe import distributed
+
+    if nproc is not None and nproc > 1 and not distributed.launched():
+        _launch_torchrun(nproc)
     from clframe.runner import format_result, run_experiment
     from clframe.tracking import resolve_uri
 
@@ -90,6 +97,8 @@ def run(scenario, strategies, config_file, sets, resume, no_progress, sweep_file
 
         if resume:
             raise ClframeError("--resume continues one run, not a sweep: give one --strategy and no --sweep")
+        if distributed.launched():
+            raise ClframeError("a sweep runs on one process; run its runs one by one under torchrun / --gpus")
         run_sweep(options, config_file, sets, plan_sweep(list(strategies), sweep_file), fail_fast, echo=click.echo)
         return
     base = None
@@ -97,7 +106,28 @@ def run(scenario, strategies, config_file, sets, resume, no_progress, sweep_file
         resume, base = _resume_base(resume, options, config_file, sets)
     config = _resolve(options, config_file, sets, base)
     result = run_experiment(config, resume=resume, echo=click.echo)
-    click.echo(format_result(result, config, resolve_uri(config.run.tracking_uri)))
+    if not distributed.launched() or int(os.environ["RANK"]) == 0:
+        click.echo(format_result(result, config, resolve_uri(config.run.tracking_uri)))
+
+
+def _launch_torchrun(nproc: int) -> None:
+    """Replace this process by ``python -m torch.distributed.run --standalone --nproc-per-node N -m
+    clframe run <the same arguments without --gpus/--nproc>``."""
+    ctx = click.get_current_context()
+    argv = list((ctx.find_root().obj or {}).get("argv", sys.argv[1:]))
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--gpus", "--nproc"):
+            skip = True
+        elif not arg.startswith(("--gpus=", "--nproc=")):
+            kept.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "clframe", *kept]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)
 
 
 @cli.command(name="list")
@@ -158,7 +188,7 @@ def ui(backend_store_uri, port, host) -> None:
 def main(argv: list[str] | None = None) -> None:
     """The console script: every failure a user can cause ends as one ``error:`` line on stderr."""
     try:
-        code = cli.main(args=argv, standalone_mode=False)
+        code = cli.main(args=argv, standalone_mode=False, obj={"argv": list(sys.argv[1:] if argv is None else argv)})
     except click.ClickException as exc:  # usage errors: unknown option, a value click cannot convert
         ctx = getattr(exc, "ctx", None)
         hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""

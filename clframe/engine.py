@@ -4,6 +4,11 @@ The engine owns devices, mixed precision, batching, augmentation, optimisation a
 strategy only answers its hooks. Data for a task is moved to the device once, as uint8, and
 augmented there; the step loop never synchronises with the host (losses accumulate on device
 and are read once per epoch; a NaN/inf loss is spotted within a step or two by DivergenceWatch).
+
+Under torchrun (clframe.distributed) every rank walks the same global batches and keeps its shard:
+the augmentation is drawn for the whole global batch and sliced, each rank's loss is weighted by
+its share of the global batch and the gradients are summed across ranks, so a step is the
+single-process step of the global batch; evaluation is sharded and the correct counts summed.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from clframe import fastpath, metrics
+from clframe import distributed, fastpath, metrics
 from clframe.augment import prepare
 from clframe.config import ResolvedConfig
 from clframe.errors import ClframeError
@@ -164,33 +169,44 @@ class Engine:
         strategy.train()
         self._sync()
         start = time.perf_counter()
+        sharded = distributed.world() > 1
         bar = tqdm(total=run.epochs * steps, desc=f"task {task + 1}/{len(self.train_experiences)}",
-                   disable=not run.progress, leave=True, dynamic_ncols=True, mininterval=0.5)
+                   disable=not run.progress or not distributed.is_main(), leave=True, dynamic_ncols=True, mininterval=0.5)
         try:  # the bar is closed even when a signal or a NaN stops the task, so messages start a line
             for epoch in range(run.epochs):
                 permutation = torch.randperm(n, generator=order).to(self.device)
                 loss_sum = torch.zeros((), device=self.device)
                 for step in range(steps):
-                    index = permutation[step * run.batch_size:(step + 1) * run.batch_size]
+                    first, end = step * run.batch_size, min((step + 1) * run.batch_size, n)
+                    mine = distributed.shard(first, end)
+                    index = permutation[mine[0]:mine[1]]
                     batch = Batch(prepare(images[index], self.image_size, self.mean, self.std, train=run.train_aug,
-                                          generator=augment, crop_scale_min=run.crop_scale_min),
+                                          generator=augment, crop_scale_min=run.crop_scale_min,
+                                          rows=(mine[0] - first, end - first)),
                                   labels[index], task, True, index)
                     with self.autocast():
-                        out = strategy(batch)
-                    loss = strategy.loss(out, batch, class_mask)
+                        out = strategy(batch)  # every rank runs it, even on an empty shard (collectives inside)
+                    if not len(index):  # this rank holds none of a short last batch: it adds nothing
+                        loss = torch.zeros((), device=self.device)
+                    else:
+                        loss = strategy.loss(out, batch, class_mask)
+                        if sharded:  # its share of the global-batch mean
+                            loss = loss * (len(index) / (end - first))
                     if optimizer is not None:
                         optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
+                        if loss.requires_grad:
+                            loss.backward()
+                        distributed.all_reduce_grads(params)
                         if run.grad_clip > 0:
                             torch.nn.utils.clip_grad_norm_(params, run.grad_clip)
                         optimizer.step()
                     loss_sum += loss.detach()
                     watch.update(loss, epoch * steps + step)
                     bar.update(1)
-                    if watch.poll() is not None:
+                    if not sharded and watch.poll() is not None:  # ranks stop together, at the epoch's end
                         break
                 bad_step = watch.result()  # with the line below, the one host sync per epoch
-                epoch_loss = (loss_sum / steps).item()
+                epoch_loss = (distributed.all_reduce_sum(loss_sum) / steps).item()
                 if bad_step is not None or not math.isfinite(epoch_loss):
                     value = float(watch.value) if bad_step is not None else epoch_loss
                     raise self._diverged(experience, bad_step, value, epoch, steps)
@@ -199,6 +215,7 @@ class Engine:
                 self.log_metrics({"train/loss": epoch_loss}, self.state.epochs_done - 1)
         finally:
             bar.close()
+        distributed.reduce_selection_stats(strategy, task)  # this task's counts, over every rank's images
         self._sync()
         self.timer.seconds["train"] += time.perf_counter() - start
         self.timer.images["train"] += n * run.epochs
@@ -233,8 +250,8 @@ class Engine:
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         self._sync()
         start = time.perf_counter()
-        for first in range(0, len(labels), size):
-            end = min(first + size, len(labels))
+        for global_first in range(0, len(labels), size):  # every rank walks every batch, keeping its shard
+            first, end = distributed.shard(global_first, min(global_first + size, len(labels)))
             index = torch.arange(first, end, device=self.device)
             batch = Batch(prepare(images[index], self.image_size, self.mean, self.std, train=False,
                                   test_crop=self.run.test_crop),
@@ -244,7 +261,7 @@ class Engine:
             if class_mask is not None:
                 logits = logits.masked_fill(~class_mask, float("-inf"))
             correct += (logits.argmax(dim=1) == batch.labels).sum()
-        accuracy = 100.0 * correct.item() / max(len(labels), 1)
+        accuracy = 100.0 * distributed.all_reduce_sum(correct).item() / max(len(labels), 1)
         self._sync()
         self.timer.seconds["eval"] += time.perf_counter() - start
         self.timer.images["eval"] += len(labels)
@@ -267,6 +284,7 @@ class Engine:
             for experience in tested:
                 self.state.acc_matrix[i, experience.task_id] = self.evaluate(experience)
             self.state.tasks_done = i + 1
+            distributed.reduce_selection_stats(self.strategy, None)  # the evaluation round, every rank's images
             report = self.strategy.task_report()
             values = self.task_metrics(i)
             values.update(report.metrics)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from clframe.distributed import all_reduce_sum
 from clframe.key_index import KeyIndex, check_backend, l2_normalize, make_key_index
 
 __all__ = ["PromptPool", "SelectionStats", "batch_majority", "task_credit", "l2_normalize"]
@@ -29,9 +30,12 @@ def batch_majority(ids: torch.Tensor, pool_size: int, n: int) -> torch.Tensor:
     l2p-pytorch runs ``topk`` over ``torch.unique(ids, return_counts=True)``'s counts (present ids
     ascending) padded with zeros to the pool size; the same values in the same layout are built
     here from a fixed-size count, so ties between equally frequent prompts break identically.
+    Under torchrun the counts are summed over the ranks first, so the vote is the global batch's
+    (every rank must call this at the same points: it is a collective then).
     """
     counts = torch.zeros(pool_size, dtype=torch.long, device=ids.device)
     counts.scatter_add_(0, ids.reshape(-1), torch.ones_like(ids.reshape(-1)))
+    all_reduce_sum(counts)
     order = torch.sort((counts == 0).to(torch.int32), stable=True).indices  # present ids first, ascending
     return order[torch.topk(counts[order], n).indices]
 

@@ -3,6 +3,10 @@ checkpoint at every task boundary, and close the run with the right status.
 
 Nothing that looks like a result is written before the inputs are known to be good: the
 config, device, tracking server, data and model are all checked before the MLflow run opens.
+
+Under torchrun every rank runs this same function (clframe.distributed); only rank 0 opens the
+MLflow run (the others get a NullTracker and rank 0's run id) and writes checkpoints; a resume
+loads the checkpoint on every rank.
 """
 from __future__ import annotations
 
@@ -18,12 +22,12 @@ import numpy as np
 import torch
 
 import clframe
-from clframe import checkpoint, metrics
+from clframe import checkpoint, distributed, metrics
 from clframe.config import ResolvedConfig, RunConfig
 from clframe.engine import Engine, TrainingDiverged, resolve_device
 from clframe.errors import ClframeError
 from clframe.registry import SCENARIOS, STRATEGIES
-from clframe.tracking import FallbackTracker, check_reachable, git_commit, resolve_uri
+from clframe.tracking import FallbackTracker, NullTracker, check_reachable, git_commit, resolve_uri
 from scenarios.base import Stream
 from strategies.base import Strategy, StreamInfo
 
@@ -180,28 +184,38 @@ def resume_command(run: RunConfig, path: Path, run_id: str) -> str:
 def run_experiment(config: ResolvedConfig, resume: str | Path | None = None, parent_run_id: str | None = None,
                    echo: Callable[[str], None] = print) -> RunResult:
     """Run (or, with ``resume``, continue) one experiment; every input is checked before the MLflow run opens."""
-    run = config.run
-    device = resolve_device(run.device)
+    with distributed.session(resolve_device(config.run.device)) as device:
+        return _run_experiment(config, device, resume, parent_run_id, echo)
+
+
+def _run_experiment(config: ResolvedConfig, device: torch.device, resume: str | Path | None,
+                    parent_run_id: str | None, echo: Callable[[str], None]) -> RunResult:
+    run, main = config.run, distributed.is_main()
     uri = resolve_uri(run.tracking_uri)
     saved, resume_path = load_resume(resume, config) if resume else (None, None)
     if saved and str(run.tracking_uri) == saved["config"]["run.tracking_uri"]:
         uri = saved["tracking_uri"]  # where the run lives now (a local fallback store, if it moved)
     check_tracking_uri(uri)
-    check_reachable(uri)
+    if main:
+        check_reachable(uri)
     stream = build_stream(config)
     strategy = build_strategy(config, stream)
     if saved:
         check_resumable(saved, resume_path, stream, config)
-    tracker = FallbackTracker(uri, run.experiment)
+    tracker = FallbackTracker(uri, run.experiment) if main else NullTracker(uri)
     params = dict(config.flatten(), n_trainable_params=strategy.count_trainable(), n_tasks=stream.n_tasks)
     tags = {"scenario": run.scenario, "strategy": run.strategy, "model": run.model, "device": str(device),
             "clframe_version": clframe.__version__, "scenario_kind": stream.kind}
+    if distributed.world() > 1:
+        tags["world_size"] = str(distributed.world())
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit
     guard = InterruptGuard()
 
     def on_task_end(i: int, engine: Engine) -> None:
+        if not main:  # rank 0 writes the checkpoint and the artifacts
+            return
         with guard.deferred():  # a task boundary is written whole, or not at all
             payload = {"version": checkpoint.FORMAT_VERSION, "clframe_version": clframe.__version__,
                        "run_id": tracker.run_id, "tracking_uri": tracker.uri,
@@ -225,6 +239,10 @@ def run_experiment(config: ResolvedConfig, resume: str | Path | None = None, par
             try:
                 run_id = tracker.start(run.run_name or default_run_name(config), tags, params,
                                        run_id=saved["run_id"] if saved else None, parent_run_id=parent_run_id)
+                if distributed.world() > 1:  # every rank names the run (and its checkpoint) as rank 0 does
+                    run_id = distributed.broadcast(run_id if main else None)
+                    if not main:
+                        tracker.run_id = run_id
             except Exception as exc:
                 if saved and not isinstance(exc, ClframeError):
                     raise ClframeError(f"--resume: cannot reopen MLflow run {saved['run_id']} at {uri} "
@@ -235,8 +253,9 @@ def run_experiment(config: ResolvedConfig, resume: str | Path | None = None, par
             if saved:
                 restore(engine, saved, resume_path)
                 tracker.set_tags({"clframe.resumed_after_task": str(engine.state.tasks_done)})
-                echo(f"resuming run {run_id} after task {engine.state.tasks_done}/{len(engine.train_experiences)} "
-                     f"from {resume_path}")
+                if main:
+                    echo(f"resuming run {run_id} after task {engine.state.tasks_done}/{len(engine.train_experiences)} "
+                         f"from {resume_path}")
             else:
                 tracker.log_text(config.to_yaml(), "config.yaml")
             start = time.perf_counter()

@@ -310,3 +310,22 @@ class FallbackTracker:
                 self.primary._client.set_terminated(server_run, status="FAILED")
             except Exception:  # noqa: BLE001 - best effort; the results are safe locally
                 pass
+
+
+class NullTracker:
+    """The tracker of ranks other than 0 in a torchrun run: only rank 0 logs to MLflow. It takes
+    every call and keeps nothing; ``run_id`` is rank 0's (set by the runner)."""
+
+    def __init__(self, uri: str | None = None) -> None:
+        self.uri = uri
+        self.run_id: str | None = None
+        self.fell_back = False
+
+    def start(self, run_name: str, tags: dict[str, str], params: dict[str, Any], run_id: str | None = None,
+              parent_run_id: str | None = None) -> str | None:
+        return run_id
+
+    def __getattr__(self, name: str):  # log_metrics, log_text, log_file, log_heatmap, set_tags, end, ...
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None
