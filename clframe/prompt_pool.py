@@ -155,6 +155,19 @@ class SelectionStats(nn.Module):
             values["task_id_acc"] = 100.0 * float(self.eval_credit.sum()) / images
         return values
 
+    def report(self, task: int, prefix: str, task_id_acc: bool = True) -> tuple[dict[str, float], str]:
+        """The task step's metrics and the histogram CSV, then a fresh evaluation round. Metrics are
+        named ``<prefix>/<name>``, except ``task_id_acc``, which every key-selection strategy logs
+        under that one name (left out with ``task_id_acc=False``, e.g. for a joint run's single task)."""
+        summary = self.summary(task)
+        accuracy = summary.pop("task_id_acc", None)
+        metrics = {f"{prefix}/{name}": value for name, value in summary.items()}
+        if task_id_acc and accuracy is not None:
+            metrics["task_id_acc"] = accuracy
+        histogram = self.histogram_csv(task + 1)
+        self.reset_eval()
+        return metrics, histogram
+
     def histogram_csv(self, tasks: int) -> str:
         """One row per prompt: its training count in each task so far, then its count on each test
         set in this evaluation round."""
