@@ -114,10 +114,6 @@ class L2P(Strategy):
         self.stats.reset_eval()
 
     def task_report(self) -> TaskReport:
-        summary = self.stats.summary(self.task_id)
-        metrics = {f"l2p/{name}": value for name, value in summary.items() if name != "task_id_acc"}
-        if "task_id_acc" in summary:
-            metrics["task_id_acc"] = summary["task_id_acc"]
-        report = TaskReport(metrics, {"prompt_selection.csv": self.stats.histogram_csv(self.task_id + 1)})
-        self.stats.reset_eval()
-        return report
+        # With --joint every test set is judged against one trained task: no task identification to report.
+        metrics, histogram = self.stats.report(self.task_id, "l2p", task_id_acc=not self.run_config.joint)
+        return TaskReport(metrics, {"prompt_selection.csv": histogram})

@@ -24,6 +24,7 @@ from scenarios.split_digits import SplitDigitsConfig
 from strategies.base import Batch, StreamInfo
 from strategies.coda_prompt import CodaPrompt, component_weights, ortho_penalty, orthogonal_rows
 from strategies.dualprompt import DualPrompt
+from strategies.l2p import L2P
 
 # The tests' tiny ViT with five blocks, so that the references' block layouts (G 0-1, E 2-4; CODA 0-4) fit.
 DEEP_KWARGS = "{patch_size: 8, depth: 5, embed_dim: 32, num_heads: 2, weight_init: moco}"
@@ -299,6 +300,19 @@ def test_joint_makes_one_task():
     assert make(DualPrompt, n_tasks=5).pool.size == 5
     coda = make(CodaPrompt, n_tasks=5, joint=True, pool_size=10)
     assert len(coda.components) == 1 and coda.per_task == 10
+
+
+@pytest.mark.parametrize("cls", [DualPrompt, L2P])
+@pytest.mark.parametrize("joint", [False, True])
+def test_task_identification_accuracy_is_reported_unless_joint(cls, joint):
+    strategy = make(cls, joint=joint, **({"pool_size": 4, "top_n": 2} if cls is L2P else {}))
+    strategy.before_task(experience(0, [0, 1]))
+    with torch.no_grad():
+        strategy.train()(Batch(torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 0, 1]), 0, True))
+        strategy.eval()(Batch(torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 0, 1]), 0, False))
+    report = strategy.task_report()
+    assert ("task_id_acc" in report.metrics) == (not joint)  # one trained task: nothing to identify
+    assert report.metrics[f"{cls.name}/distinct_prompts_eval"] >= 1 and "prompt_selection.csv" in report.artifacts
 
 
 # ----- end to end -----
