@@ -84,8 +84,6 @@ def run(scenario, strategies, config_file, sets, resume, no_progress, sweep_file
     """
     from clframe import distributed
 
-    if nproc is not None and nproc > 1 and not distributed.launched():
-        _launch_torchrun(nproc)
     from clframe.runner import format_result, run_experiment
     from clframe.tracking import resolve_uri
 
@@ -97,7 +95,7 @@ def run(scenario, strategies, config_file, sets, resume, no_progress, sweep_file
 
         if resume:
             raise ClframeError("--resume continues one run, not a sweep: give one --strategy and no --sweep")
-        if distributed.launched():
+        if distributed.launched() or (nproc or 1) > 1:
             raise ClframeError("a sweep runs on one process; run its runs one by one under torchrun / --gpus")
         run_sweep(options, config_file, sets, plan_sweep(list(strategies), sweep_file), fail_fast, echo=click.echo)
         return
@@ -105,6 +103,8 @@ def run(scenario, strategies, config_file, sets, resume, no_progress, sweep_file
     if resume:
         resume, base = _resume_base(resume, options, config_file, sets)
     config = _resolve(options, config_file, sets, base)
+    if nproc is not None and nproc > 1 and not distributed.launched():
+        _launch_torchrun(nproc)  # the config is known to be good: its errors stay one line
     result = run_experiment(config, resume=resume, echo=click.echo)
     if not distributed.launched() or int(os.environ["RANK"]) == 0:
         click.echo(format_result(result, config, resolve_uri(config.run.tracking_uri)))
@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("error: interrupted", err=True)
         sys.exit(130)
     except ClframeError as exc:
-        click.echo(f"error: {exc}", err=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: rank 0 says it
+            click.echo(f"error: {exc}", err=True)
         sys.exit(getattr(exc, "exit_code", 1))
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
