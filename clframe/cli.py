@@ -72,7 +72,7 @@ def _resume_base(target: str, options: dict, config_file: str | None, sets: tupl
 @click.option("--no-progress", is_flag=True, help="hide the progress bars")
 @click.option("--sweep", "sweep_file", type=click.Path(dir_okay=False), help="YAML file of runs (runs: list and/or grid:) to run in turn as child runs of one parent run; see clframe/sweep.py")
 @click.option("--fail-fast", is_flag=True, help="stop a sweep at its first failing run (default: record it FAILED and go on)")
-@click.option("--gpus", "--nproc", "nproc", type=click.IntRange(min=1), metavar="N",
+@click.option("--gpus", "nproc", type=click.IntRange(min=1), metavar="N",
               help="data-parallel over N processes: launches torchrun --nproc-per-node N with the same arguments "
                    "(one per GPU; with --device cpu, N CPU processes over gloo)")
 def run(scenario, strategies, config_file, sets, resume, no_progress, sweep_file, fail_fast, nproc, **options) -> None:
@@ -112,16 +112,16 @@ def run(scenario, strategies, config_file, sets, resume, no_progress, sweep_file
 
 def _launch_torchrun(nproc: int) -> None:
     """Replace this process by ``python -m torch.distributed.run --standalone --nproc-per-node N -m
-    clframe run <the same arguments without --gpus/--nproc>``."""
+    clframe run <the same arguments without --gpus>``."""
     ctx = click.get_current_context()
     argv = list((ctx.find_root().obj or {}).get("argv", sys.argv[1:]))
     kept, skip = [], False
     for arg in argv:
         if skip:
             skip = False
-        elif arg in ("--gpus", "--nproc"):
+        elif arg == "--gpus":
             skip = True
-        elif not arg.startswith(("--gpus=", "--nproc=")):
+        elif not arg.startswith("--gpus="):
             kept.append(arg)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "clframe", *kept]

@@ -1,7 +1,7 @@
 """Issue 10: a run on 2 processes (gloo, CPU) computes what 1 process computes on the same global batch.
 
-The end-to-end tests launch the real CLI: ``clframe run --nproc 2 --device cpu`` execs
-``python -m torch.distributed.run`` (as ``--gpus 2`` does on GPUs), and its accuracy matrix, L2P
+The end-to-end tests launch the real CLI: ``clframe run --gpus 2 --device cpu`` execs
+``python -m torch.distributed.run`` with 2 CPU processes (on GPUs, one per GPU), and its accuracy matrix, L2P
 selection metrics and trainable weights are compared with a 1-process run. The batch sizes make
 the shards uneven and leave rank 1 with nothing in some last batches (train and test). The
 batchwise-selection unit test runs 2 ranks with ``torch.multiprocessing.spawn``.
@@ -57,7 +57,7 @@ def run_cli(folder: Path, store: Path, strategy: str, extra: list[str]) -> dict:
 @pytest.mark.parametrize("strategy", ["linear", "l2p"])
 def test_two_processes_match_one(tmp_path, empty_store, strategy):
     one = run_cli(tmp_path / "one", empty_store, strategy, [])
-    two = run_cli(tmp_path / "two", empty_store, strategy, ["--nproc", "2"])
+    two = run_cli(tmp_path / "two", empty_store, strategy, ["--gpus", "2"])
     # only rank 0 opened an MLflow run, printed the result and wrote the checkpoint (one, above)
     assert len(two["runs"]) == 1 and two["runs"][0].data.tags["world_size"] == "2"
     assert two["stdout"].count("accuracy matrix") == 1
