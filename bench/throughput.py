@@ -9,6 +9,11 @@ MLflow logging included, and reports its wall time.
 
     python bench/throughput.py --strategies l2p linear --batch 128
     python bench/throughput.py --strategies l2p --protocol
+
+Under torchrun every rank runs the same measurement data-parallel (``--batch`` is the global
+batch, split over the ranks, as in ``clframe run --gpus N``); rank 0 prints the global img/s:
+
+    torchrun --standalone --nproc-per-node 2 bench/throughput.py --strategies l2p --batch 256
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from clframe import distributed  # noqa: E402
 from clframe.config import resolve_config  # noqa: E402
 from clframe.engine import Engine  # noqa: E402
 from clframe.registry import SCENARIOS, STRATEGIES  # noqa: E402
@@ -54,14 +60,13 @@ def environment(device: torch.device) -> dict:
     return {"device_name": name, "torch": torch.__version__, "timm": timm.__version__}
 
 
-def measure(strategy_name: str, args) -> dict:
+def measure(strategy_name: str, args, device: torch.device) -> dict:
     config = config_for(strategy_name, args, [f"epochs=1"])
     classes = list(range(10))
     timed = synthetic_experience(args.batch * args.steps, args.eval_images, classes, 1)
     warm = synthetic_experience(args.batch * args.warmup, args.eval_batch * 2, classes, 2)
     stream = Stream("synthetic", CLASS_IL, [f"c{i}" for i in range(100)], [timed])
     strategy = build_strategy(config, stream)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     engine = Engine(config, stream, strategy, device, lambda metrics, step: None)
     engine.train_task(warm)
     engine.evaluate(warm)
@@ -78,7 +83,7 @@ def measure(strategy_name: str, args) -> dict:
     engine.evaluate(timed)  # second pass: what every later evaluation of this task costs (query caches)
     eval_peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return dict(environment(device), strategy=strategy_name, model=args.model, batch=args.batch,
-                eval_batch=args.eval_batch, train_img_s=round(engine.timer.rate("train"), 1),
+                world_size=distributed.world(), eval_batch=args.eval_batch, train_img_s=round(engine.timer.rate("train"), 1),
                 eval_img_s=round(first_eval, 1), eval_repeat_img_s=round(engine.timer.rate("eval"), 1),
                 train_peak_gib=train_peak,
                 eval_peak_gib=eval_peak, trainable_params=strategy.count_trainable(),
@@ -134,11 +139,17 @@ def main() -> None:
     parser.add_argument("--protocol", action="store_true", help="also run the whole Split CIFAR-100 protocol")
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args()
-    for name in args.strategies:
-        if not args.skip_throughput:
-            print(json.dumps(measure(name, args)), flush=True)
-        if args.protocol:
-            print(json.dumps(protocol(name, args)), flush=True)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    with distributed.session(device) as device:
+        if distributed.world() > 1 and args.protocol:
+            parser.error("--protocol runs in one process; time multi-GPU protocols with clframe run --gpus N")
+        for name in args.strategies:
+            if not args.skip_throughput:
+                result = measure(name, args, device)
+                if distributed.is_main():
+                    print(json.dumps(result), flush=True)
+            if args.protocol:
+                print(json.dumps(protocol(name, args)), flush=True)
 
 
 if __name__ == "__main__":

@@ -104,6 +104,12 @@ def run(scenario, strategies, config_file, sets, resume, no_progress, sweep_file
         resume, base = _resume_base(resume, options, config_file, sets)
     config = _resolve(options, config_file, sets, base)
     if nproc is not None and nproc > 1 and not distributed.launched():
+        import torch
+
+        from clframe.engine import resolve_device
+
+        asked = config.run.device  # auto means GPUs here: --gpus on a machine without them is refused
+        distributed.check_processes(nproc, torch.device("cuda") if asked == "auto" else resolve_device(asked))
         _launch_torchrun(nproc)  # the config is known to be good: its errors stay one line
     result = run_experiment(config, resume=resume, echo=click.echo)
     if not distributed.launched() or int(os.environ["RANK"]) == 0:

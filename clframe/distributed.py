@@ -20,6 +20,8 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from clframe.errors import ClframeError
+
 
 def launched() -> bool:
     """True in a process that torchrun started as one of several."""
@@ -64,9 +66,22 @@ def session(device: torch.device) -> Iterator[torch.device]:
         dist.destroy_process_group()
 
 
+def check_processes(processes: int, device: torch.device) -> None:
+    """Refuse, in one line, more GPU processes than visible GPUs (before torchrun starts any of them):
+    ``--gpus N`` on a machine with no GPU, or with fewer than N."""
+    if device.type != "cuda":
+        return
+    visible = torch.cuda.device_count()
+    if processes > visible:
+        raise ClframeError(f"--gpus {processes} asks for {processes} GPUs but {visible} "
+                           f"{'is' if visible == 1 else 'are'} visible; use --gpus {max(visible, 1)}, or "
+                           f"--device cpu for {processes} CPU processes")
+
+
 def _rank_device(device: torch.device) -> torch.device:
     if device.type != "cuda":
         return device
+    check_processes(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))), device)
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 

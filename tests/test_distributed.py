@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,9 +58,22 @@ def run_cli(folder: Path, store: Path, strategy: str, extra: list[str]) -> dict:
             "checkpoint": torch.load(checkpoints[0], map_location="cpu", weights_only=True)}
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, empty_store):
+    """The 1-process run of each strategy, made once for the tests that compare against it."""
+    done: dict[str, dict] = {}
+
+    def get(strategy: str) -> dict:
+        if strategy not in done:
+            done[strategy] = run_cli(tmp_path_factory.mktemp(f"one-{strategy}") / "run", empty_store, strategy, [])
+        return done[strategy]
+
+    return get
+
+
 @pytest.mark.parametrize("strategy", ["linear", "l2p"])
-def test_two_processes_match_one(tmp_path, empty_store, strategy):
-    one = run_cli(tmp_path / "one", empty_store, strategy, [])
+def test_two_processes_match_one(tmp_path, empty_store, one_process, strategy):
+    one = one_process(strategy)
     two = run_cli(tmp_path / "two", empty_store, strategy, ["--gpus", "2"])
     # only rank 0 opened an MLflow run, printed the result and wrote the checkpoint (one, above)
     assert len(two["runs"]) == 1 and two["runs"][0].data.tags["world_size"] == "2"
@@ -76,6 +93,42 @@ def test_two_processes_match_one(tmp_path, empty_store, strategy):
         assert step == step2 and loss == pytest.approx(loss2, rel=1e-5)
     for key, weights in one["checkpoint"]["strategy_state"].items():  # equal up to float rounding
         torch.testing.assert_close(two["checkpoint"]["strategy_state"][key], weights, rtol=1e-4, atol=1e-5)
+
+
+def test_one_process_run_killed_then_resumed_on_two(tmp_path, empty_store, one_process):
+    """A run killed during its second task and resumed with --gpus 2 ends as the uninterrupted run."""
+    folder = tmp_path / "victim"
+    folder.mkdir()
+    shutil.copyfile(empty_store, folder / "mlflow.db")
+    stderr = folder / "stderr.txt"
+    args = [a for a in RUN if a != "--no-progress"]  # the progress bar tells when task 2 starts
+    victim = subprocess.Popen([sys.executable, "-m", "clframe", *args, "--strategy", "linear", "--tracking-uri",
+                               f"sqlite:///{folder}/mlflow.db", "--set", f"checkpoint_dir={folder}/ckpt"],
+                              cwd=folder, env=dict(os.environ, OMP_NUM_THREADS="1", **ENV),
+                              stdout=subprocess.DEVNULL, stderr=stderr.open("w"))
+    deadline = time.monotonic() + 120
+    while "task 2/2" not in stderr.read_text(errors="replace"):
+        assert victim.poll() is None, stderr.read_text()[-2000:]
+        assert time.monotonic() < deadline, "task 2 never started"
+        time.sleep(0.002)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    checkpoint = next((folder / "ckpt").glob("*/last.pt"))
+    assert torch.load(checkpoint, map_location="cpu", weights_only=True)["tasks_done"] == 1
+
+    resumed = clframe_subprocess(["run", "--resume", checkpoint.parent.name, "--set", f"checkpoint_dir={folder}/ckpt",
+                                  "--gpus", "2", "--no-progress"], cwd=folder, timeout=240, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("accuracy matrix") == 1 and "after task 1/2" in resumed.stdout
+    final = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    one = one_process("linear")["checkpoint"]
+    assert final["tasks_done"] == 2
+    assert np.array_equal(final["acc_matrix"].numpy(), one["acc_matrix"].numpy(), equal_nan=True)
+    for key, weights in one["strategy_state"].items():
+        torch.testing.assert_close(final["strategy_state"][key], weights, rtol=1e-4, atol=1e-5)
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("clframe").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the killed run went on, on 2 processes
 
 
 # ----- batchwise selection across ranks -----
