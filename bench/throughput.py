@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clframe import distributed  # noqa: E402
 from clframe.config import resolve_config  # noqa: E402
-from clframe.engine import Engine  # noqa: E402
+from clframe.engine import Engine, resolve_device  # noqa: E402
 from clframe.registry import SCENARIOS, STRATEGIES  # noqa: E402
 from clframe.runner import build_strategy, run_experiment  # noqa: E402
 from scenarios.base import CLASS_IL, Experience, Stream  # noqa: E402
@@ -117,7 +117,7 @@ def protocol(strategy_name: str, args) -> dict:
         config = config_for(strategy_name, args, sets)
         result = run_experiment(config, echo=lambda line: None)
         wall = time.perf_counter() - start
-    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    device = resolve_device(args.device)
     return dict(environment(device), strategy=strategy_name, mode="protocol", batch=args.batch,
                 epochs=args.epochs, protocol_wall_s=round(wall, 1), engine_wall_s=round(result.wall_s, 1),
                 acc_avg=round(result.summary["acc_avg"], 2), train_img_s=round(result.train_img_s, 1),
@@ -139,8 +139,7 @@ def main() -> None:
     parser.add_argument("--protocol", action="store_true", help="also run the whole Split CIFAR-100 protocol")
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args()
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    with distributed.session(device) as device:
+    with distributed.session(resolve_device(args.device)) as device:
         if distributed.world() > 1 and args.protocol:
             parser.error("--protocol runs in one process; time multi-GPU protocols with clframe run --gpus N")
         for name in args.strategies:

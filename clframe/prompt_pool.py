@@ -46,12 +46,15 @@ def task_credit(ids: torch.Tensor, train_counts: torch.Tensor, true_task: int) -
     Each trained task t has a usage profile: the share of its training selections that went to each
     prompt. An image's task guess is the task whose profile puts the most mass on the prompts the
     image chose; tasks that tie share the credit, so a pool that every task uses alike scores chance.
+    Prompts that no trained task used (e.g. untrained keys searched with ``eval_keys=all``) identify
+    nothing: an image that chose only those gets 0, not a share of a tie of zeros.
     """
     freq = train_counts.float() / train_counts.sum(dim=1, keepdim=True).clamp_min(1)  # [T, M]
     chosen = torch.zeros(ids.shape[0], train_counts.shape[1], device=ids.device).scatter_(1, ids, 1.0)
     score = chosen @ freq.t()  # [B, T]
-    tied = score >= score.max(dim=1, keepdim=True).values - 1e-6
-    return tied[:, true_task].float() / tied.sum(dim=1)
+    best = score.max(dim=1, keepdim=True).values
+    tied = (score >= best - 1e-6) & (best > 0)
+    return tied[:, true_task].float() / tied.sum(dim=1).clamp_min(1)
 
 
 class PromptPool(nn.Module):
@@ -147,23 +150,30 @@ class SelectionStats(nn.Module):
             buffer.zero_()
 
     def summary(self, task: int) -> dict[str, float]:
-        """Distinct prompts used training ``task`` and in this evaluation round; task-id accuracy (%)."""
+        """Distinct prompts used training ``task`` and in this evaluation round."""
+        return {"distinct_prompts": float((self.train_counts[task] > 0).sum()),
+                "distinct_prompts_eval": float((self.eval_counts.sum(dim=0) > 0).sum())}
+
+    def task_id_accuracy(self) -> dict[str, float]:
+        """Task-identification accuracy (%) of this evaluation round: ``task_id_acc`` over every test
+        image, and ``task_id_acc/task_<j>`` per test set (to see which task's images go astray)."""
         images = int(self.eval_images.sum())
-        values = {"distinct_prompts": float((self.train_counts[task] > 0).sum()),
-                  "distinct_prompts_eval": float((self.eval_counts.sum(dim=0) > 0).sum())}
-        if images:
-            values["task_id_acc"] = 100.0 * float(self.eval_credit.sum()) / images
+        if not images:
+            return {}
+        values = {"task_id_acc": 100.0 * float(self.eval_credit.sum()) / images}
+        for j, (credit, count) in enumerate(zip(self.eval_credit.tolist(), self.eval_images.tolist())):
+            if count:
+                values[f"task_id_acc/task_{j}"] = 100.0 * credit / count
         return values
 
     def report(self, task: int, prefix: str, task_id_acc: bool = True) -> tuple[dict[str, float], str]:
         """The task step's metrics and the histogram CSV, then a fresh evaluation round. Metrics are
-        named ``<prefix>/<name>``, except ``task_id_acc``, which every key-selection strategy logs
-        under that one name (left out with ``task_id_acc=False``, e.g. for a joint run's single task)."""
-        summary = self.summary(task)
-        accuracy = summary.pop("task_id_acc", None)
-        metrics = {f"{prefix}/{name}": value for name, value in summary.items()}
-        if task_id_acc and accuracy is not None:
-            metrics["task_id_acc"] = accuracy
+        named ``<prefix>/<name>``, except the task-identification accuracies, which every
+        key-selection strategy logs under the same names (left out with ``task_id_acc=False``, e.g.
+        for a joint run's single task)."""
+        metrics = {f"{prefix}/{name}": value for name, value in self.summary(task).items()}
+        if task_id_acc:
+            metrics.update(self.task_id_accuracy())
         histogram = self.histogram_csv(task + 1)
         self.reset_eval()
         return metrics, histogram

@@ -68,14 +68,17 @@ def component_weights(query: torch.Tensor, keys: torch.Tensor, attention: torch.
     query, keys, attention = query.float(), keys.float(), attention.float()
     with torch.autocast(query.device.type, enabled=False):
         numerator = torch.einsum("bd,lkd->blk", query, attention * F.normalize(keys, dim=-1))
-        norm = torch.einsum("bd,lkd->blk", query.square(), attention.square()).sqrt()
-        return numerator / norm.clamp_min(1e-12)  # F.normalize's eps, as the reference
+        norm = torch.einsum("bd,lkd->blk", query.square(), attention.square()).clamp_min(1e-24).sqrt()
+        return numerator / norm  # F.normalize's eps (1e-12), as the reference; clamped before sqrt: no NaN grad
 
 
 def ortho_penalty(rows: torch.Tensor) -> torch.Tensor:
-    """The reference's mean((X Xᵀ - I)²) per block, summed over the blocks; ``rows`` [blocks, K, n]."""
-    gram = rows @ rows.transpose(1, 2)
-    return (gram - torch.eye(gram.shape[-1], device=gram.device)).square().mean(dim=(1, 2)).sum()
+    """The reference's mean((X Xᵀ - I)²) per block, summed over the blocks; ``rows`` [blocks, K, n].
+    In fp32 (autocast off): near-orthogonal rows differ from I by less than bf16 resolves."""
+    rows = rows.float()
+    with torch.autocast(rows.device.type, enabled=False):
+        gram = rows @ rows.transpose(1, 2)
+        return (gram - torch.eye(gram.shape[-1], device=gram.device)).square().mean(dim=(1, 2)).sum()
 
 
 @register_strategy("coda_prompt")

@@ -101,6 +101,15 @@ class DualPrompt(Strategy):
                 prompts[task].copy_(prompts[task - 1])  # the reference's shared_prompt_pool; keys start afresh
         self.stats.reset_eval()
 
+    def configure_optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        """Earlier tasks' E-prompts and keys are rows of the pool's Parameters, beside the current
+        task's: they get no gradient, but weight decay would still shrink them while later tasks
+        train. So the pool gets none (the reference uses none at all); the rest gets the run's."""
+        in_pool = {id(p) for p in self.pool.parameters()}
+        groups = [{"params": [p for p in params if id(p) not in in_pool]},
+                  {"params": [p for p in params if id(p) in in_pool], "weight_decay": 0.0}]
+        return super().configure_optimizer([group for group in groups if group["params"]], lr)
+
     def task_report(self) -> TaskReport:
         # With --joint every test set is judged against one trained task: no task identification to report.
         metrics, histogram = self.stats.report(self.task_id, "dualprompt", task_id_acc=not self.run_config.joint)

@@ -91,6 +91,8 @@ def test_dualprompt_forward_matches_a_hand_computation_with_the_intended_key_val
         strategy.before_task(experience(task, [2 * task, 2 * task + 1]))
     vit, pool, images = strategy.backbone, strategy.pool, torch.rand(3, 3, 16, 16)
     with torch.no_grad():
+        pool.prompts[1].normal_()  # task 1 started as a copy of E-prompt 0: make the two differ
+        assert not torch.equal(pool.prompts[0], pool.prompts[1])
         query = frozen_features(vit, images)
         pool.keys[:2] = query[[1, 0]]  # image 0 -> E-prompt 1, image 1 -> E-prompt 0; key 2 is never trained yet
         pool.keys[2] = query[2]
@@ -249,18 +251,71 @@ def test_earlier_tasks_stay_bit_identical_and_the_backbone_untouched_over_a_run(
                     [experience(0, [0, 1]), experience(1, [2, 3]), experience(2, [4, 5])])
     run = RunConfig(model_kwargs=DEEP, image_size=16, normalize=False, epochs=1, batch_size=4, lr=0.05,
                     optimizer="adamw", weight_decay=0.5, progress=False, device="cpu")  # decay moves what it sees
-    snapshots = []
+    strategy.run_config = run  # the optimizer is the strategy's, built from its run config
+    snapshots, initial = [], []
+    before_task = strategy.before_task
+
+    def keep_initial(exp):  # the task's fresh components, before any training step
+        before_task(exp)
+        initial.append({k: v.clone() for k, v in strategy.state_dict().items() if k.endswith(f".{exp.task_id}")})
+
+    strategy.before_task = keep_initial
     engine = Engine(ResolvedConfig(run, None, strategy.config), stream, strategy, torch.device("cpu"),
                     lambda values, step: None,
                     lambda i, engine: snapshots.append({k: v.clone() for k, v in strategy.state_dict().items()
                                                         if not k.startswith("backbone.")}))
     engine.run_all()
     for task, snapshot in enumerate(snapshots):
-        for later in snapshots[task + 1:]:
+        for name in ("components", "keys", "attention"):  # training moved the task's own parameters...
+            assert not torch.equal(initial[task][f"{name}.{task}"], snapshot[f"{name}.{task}"])
+        for later in snapshots[task + 1:]:  # ...and no later task moved them again
             for name in ("components", "keys", "attention"):
                 assert torch.equal(snapshot[f"{name}.{task}"], later[f"{name}.{task}"])
-                assert not torch.equal(snapshot[f"{name}.{task + 1}"], later[f"{name}.{task + 1}"])
     assert all(torch.equal(v, strategy.backbone.state_dict()[k]) for k, v in backbone.items())
+
+
+def test_dualprompt_earlier_e_prompts_and_keys_stay_bit_identical_under_weight_decay():
+    strategy = make(DualPrompt, n_classes=6, n_tasks=3, train_mask="current")
+    stream = Stream("tiny", CLASS_IL, [f"c{i}" for i in range(6)],
+                    [experience(0, [0, 1]), experience(1, [2, 3]), experience(2, [4, 5])])
+    run = RunConfig(model_kwargs=DEEP, image_size=16, normalize=False, epochs=1, batch_size=4, lr=0.05,
+                    optimizer="adamw", weight_decay=0.5, progress=False, device="cpu")
+    strategy.run_config = run  # the optimizer is the strategy's, built from its run config
+    snapshots = []
+    engine = Engine(ResolvedConfig(run, None, strategy.config), stream, strategy, torch.device("cpu"),
+                    lambda values, step: None,
+                    lambda i, engine: snapshots.append({k: strategy.state_dict()[k].clone()
+                                                        for k in ("pool.prompts", "pool.keys", "g_prompt")}))
+    engine.run_all()
+    for task, snapshot in enumerate(snapshots):
+        for later in snapshots[task + 1:]:
+            for name in ("pool.prompts", "pool.keys"):
+                assert torch.equal(snapshot[name][task], later[name][task]), (name, task)
+    assert not torch.equal(snapshots[0]["g_prompt"], snapshots[2]["g_prompt"])  # shared: trains on
+    assert not torch.equal(snapshots[1]["pool.keys"][2], snapshots[2]["pool.keys"][2])  # task 2's key trained
+
+
+def test_dualprompt_task_id_accuracy_follows_the_keys():
+    strategy = make(DualPrompt, n_tasks=2)
+    images = {t: torch.rand(1, 3, 16, 16).expand(4, -1, -1, -1) for t in range(2)}  # one image per test set
+    for task in range(2):
+        strategy.before_task(experience(task, [2 * task, 2 * task + 1]))
+        with torch.no_grad():
+            strategy.train()(Batch(images[task], torch.full((4,), 2 * task), task, True))
+    queries = {t: frozen_features(strategy.backbone, images[t][:1])[0] for t in range(2)}
+
+    def evaluate(key_of_task):
+        with torch.no_grad():
+            for t in range(2):
+                strategy.pool.keys[t] = queries[key_of_task[t]]
+            for t in range(2):
+                strategy.eval()(Batch(images[t], torch.full((4,), 2 * t), t, False))
+        return strategy.task_report().metrics
+
+    right = evaluate({0: 0, 1: 1})
+    assert (right["task_id_acc"], right["task_id_acc/task_0"], right["task_id_acc/task_1"]) == (100.0, 100.0, 100.0)
+    swapped = evaluate({0: 1, 1: 0})  # each test set's nearest key is the other task's
+    assert (swapped["task_id_acc"], swapped["task_id_acc/task_0"], swapped["task_id_acc/task_1"]) == (0.0, 0.0, 0.0)
 
 
 # ----- configuration -----

@@ -121,7 +121,21 @@ def test_task_credit_and_histogram():
     stats.observe_train(0, torch.tensor([[0, 1], [0, 1]]))
     stats.observe_eval(0, torch.tensor([[0, 1], [1, 2]]), n_trained=1)
     assert stats.histogram_csv(1) == "prompt,train_task_0,eval_task_0\n0,2,1\n1,2,2\n2,0,1\n"
-    assert stats.summary(0) == {"distinct_prompts": 2.0, "distinct_prompts_eval": 3.0, "task_id_acc": 100.0}
+    assert stats.summary(0) == {"distinct_prompts": 2.0, "distinct_prompts_eval": 3.0}
+    assert stats.task_id_accuracy() == {"task_id_acc": 100.0, "task_id_acc/task_0": 100.0}
+
+
+def test_task_id_accuracy_per_test_set_and_unused_prompts_identify_nothing():
+    stats = SelectionStats(n_tasks=2, pool_size=4)  # task 0 trained prompt 0, task 1 prompt 1; 2, 3 never
+    stats.observe_train(0, torch.tensor([[0]] * 3))
+    stats.observe_train(1, torch.tensor([[1]] * 3))
+    assert task_credit(torch.tensor([[2], [3]]), stats.train_counts, 0).tolist() == [0.0, 0.0]  # not 1/2 each
+    stats.observe_eval(0, torch.tensor([[0], [0], [0], [1]]), n_trained=2)  # 3 of 4 right
+    stats.observe_eval(1, torch.tensor([[0], [2]]), n_trained=2)  # wrong, untrained prompt: none right
+    assert stats.task_id_accuracy() == {"task_id_acc": 50.0, "task_id_acc/task_0": 75.0, "task_id_acc/task_1": 0.0}
+    metrics, _ = stats.report(1, "l2p")
+    assert metrics["task_id_acc/task_0"] == 75.0 and metrics["l2p/distinct_prompts"] == 1.0
+    assert stats.task_id_accuracy() == {}  # report starts a fresh evaluation round
 
 
 def test_builtin_defaults_are_the_reference_settings():
