@@ -85,6 +85,20 @@ def test_prefix_attention_in_one_block_matches_a_hand_computation(monkeypatch):
     assert out.shape == x.shape  # queries come from the tokens only
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the fused kernels are CUDA's)")
+def test_prefix_attention_runs_on_a_fused_cuda_kernel():
+    """With only the flash and memory-efficient kernels allowed, a math-kernel fallback would raise."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    blk = make(DualPrompt).eval().backbone.blocks[3].cuda()
+    x, prefix_k, prefix_v = (torch.randn(2, n, 32, device="cuda") for n in (5, 3, 3))
+    expected = hand_block(blk, x, prefix_k, prefix_v)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16), \
+            sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        out = vit_ops.block(blk, x, split_heads(blk.attn, prefix_k), split_heads(blk.attn, prefix_v))
+    torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.05)
+
+
 def test_dualprompt_forward_matches_a_hand_computation_with_the_intended_key_value_split():
     strategy = make(DualPrompt, n_tasks=3).eval()
     for task in range(2):
