@@ -23,6 +23,7 @@ without unpickling arbitrary objects.
 from __future__ import annotations
 
 import os
+import warnings
 import random
 import tempfile
 from pathlib import Path
@@ -109,7 +110,9 @@ def load(path: Path, mmap: bool = False) -> dict[str, Any]:
     if not path.is_file():
         raise ClframeError(f"no checkpoint at {path}; pass a run id or the path of a last.pt")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # torch.load's notes on a foreign file: the error below says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # truncated, foreign or unsafe pickles all mean: not ours
         raise ClframeError(f"{path} is not a readable clframe checkpoint ({type(exc).__name__})") from None
     if not isinstance(payload, dict) or "tasks_done" not in payload:

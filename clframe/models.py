@@ -5,6 +5,7 @@ Strategies touch the backbone only through timm's public ViT modules (``patch_em
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,7 +39,9 @@ def create_backbone(run: RunConfig) -> nn.Module:
     else:
         pretrained = run.pretrained
     try:
-        model = timm.create_model(run.model, pretrained=pretrained, num_classes=0, **kwargs)
+        with warnings.catch_warnings():  # torch.load's notes on a foreign file: the error below says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            model = timm.create_model(run.model, pretrained=pretrained, num_classes=0, **kwargs)
     except TypeError as exc:
         raise ClframeError(f"model '{run.model}' does not take these model_kwargs: {exc}") from None
     except (RuntimeError, KeyError, ValueError) as exc:

@@ -66,7 +66,7 @@ class DualPrompt(Strategy):
         self.pool = PromptPool(config.pool_size or n_tasks, feature_dim(self.backbone), 1, e_shape,
                                key_index=config.key_index)  # prompts and keys uniform(-1, 1), as the reference
         self.head = timm_head(feature_dim(self.backbone), info.n_classes)
-        self.stats = SelectionStats(n_tasks, self.pool.size)
+        self.stats = SelectionStats(info.n_tasks, self.pool.size)  # a row per test set, --joint too
         self.query_cache = FrozenQueryCache(config.cache_queries)
 
     def e_prompt_ids(self, query: torch.Tensor, batch: Batch) -> torch.Tensor:

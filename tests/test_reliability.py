@@ -330,7 +330,7 @@ def _setup_files(case: Path, files: str) -> None:
                                   embed_dim=width, num_heads=2)
         torch.save(model.state_dict(), case / "weights.pth")
         if files == "weights-garbage":
-            (case / "weights.pth").write_bytes(os.urandom(2000))
+            (case / "weights.pth").write_bytes(b"\x80\xab" + np.random.RandomState(0).bytes(1998))  # protocol 171: torch warns
     elif files == "yaml":
         (case / "broken.yaml").write_text("run:\n  epochs: [1, 2\n")
         (case / "section.yaml").write_text("runn:\n  epochs: 1\n")
@@ -344,7 +344,7 @@ def _setup_files(case: Path, files: str) -> None:
         payload = {"version": checkpoint.FORMAT_VERSION, "run_id": "0" * 32, "tasks_done": 1,
                    "config": {k: str(v) for k, v in config.flatten().items()}, "config_yaml": config.to_yaml()}
         checkpoint.save_atomic(payload, case / "saved" / "last.pt")
-        (case / "garbage.pt").write_bytes(os.urandom(3000))
+        (case / "garbage.pt").write_bytes(b"\x80\xab" + np.random.RandomState(0).bytes(2998))  # protocol 171: torch warns
         torch.save({"tasks_done": 1, "anything": Fraction(1, 3)}, case / "pickled-object.pt")
 
 
