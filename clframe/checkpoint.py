@@ -23,9 +23,9 @@ without unpickling arbitrary objects.
 from __future__ import annotations
 
 import os
-import warnings
 import random
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
