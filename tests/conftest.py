@@ -6,6 +6,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,18 @@ def clframe_subprocess(args: list[str], cwd: Path, timeout: float = 300, **kwarg
     env.update(kwargs.pop("env", {}))
     return subprocess.run([sys.executable, "-m", "clframe", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env, **kwargs)
+
+
+def wait_for_text(path: Path, text: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll a growing stderr file every 2 ms until ``text`` shows up (e.g. a task's progress bar)."""
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text(errors="replace"):
+        if process.poll() is not None:
+            pytest.fail(f"the run ended before {text!r} appeared:\n{path.read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"{text!r} did not appear in {timeout} s")
+        time.sleep(0.002)
 
 
 def write_fake_cifar100(root: Path, per_class_train: int = 3, per_class_test: int = 2, seed: int = 0) -> Path:

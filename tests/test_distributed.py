@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY_MODEL_KWARGS, clframe_subprocess
+from conftest import TINY_MODEL_KWARGS, clframe_subprocess, wait_for_text
 
 # Task sizes of split_digits with 2 tasks: train 670 / 677, test 224 / 226. Batch 26 leaves one image
 # in task 1's last training batch, eval batch 45 one in its last test batch (rank 1 gets none); 45
@@ -106,11 +105,7 @@ def test_one_process_run_killed_then_resumed_on_two(tmp_path, empty_store, one_p
                                f"sqlite:///{folder}/mlflow.db", "--set", f"checkpoint_dir={folder}/ckpt"],
                               cwd=folder, env=dict(os.environ, OMP_NUM_THREADS="1", **ENV),
                               stdout=subprocess.DEVNULL, stderr=stderr.open("w"))
-    deadline = time.monotonic() + 120
-    while "task 2/2" not in stderr.read_text(errors="replace"):
-        assert victim.poll() is None, stderr.read_text()[-2000:]
-        assert time.monotonic() < deadline, "task 2 never started"
-        time.sleep(0.002)
+    wait_for_text(stderr, "task 2/2", victim)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
     checkpoint = next((folder / "ckpt").glob("*/last.pt"))

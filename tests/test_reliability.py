@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY_MODEL_KWARGS, clframe_subprocess, write_fake_cifar100
+from conftest import TINY_MODEL_KWARGS, clframe_subprocess, wait_for_text, write_fake_cifar100
 
 TESTS = Path(__file__).resolve().parent
 TINY = ["--set", f"model_kwargs={TINY_MODEL_KWARGS}", "--set", "image_size=16"]
@@ -52,18 +51,6 @@ def popen(args: list[str], cwd: Path, stderr_path: Path) -> subprocess.Popen:
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.Popen([sys.executable, "-m", "clframe", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=stderr_path.open("w"), text=True)
-
-
-def wait_for_text(path: Path, text: str, process: subprocess.Popen, timeout: float = 120) -> None:
-    """Poll a growing stderr file every 2 ms until ``text`` shows up (the progress bar of a task)."""
-    deadline = time.monotonic() + timeout
-    while text not in path.read_text(errors="replace"):
-        if process.poll() is not None:
-            pytest.fail(f"the run ended before {text!r} appeared:\n{path.read_text()[-2000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"{text!r} did not appear in {timeout} s")
-        time.sleep(0.002)
 
 
 def only_checkpoint(folder: Path) -> Path:
