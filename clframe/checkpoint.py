@@ -22,12 +22,13 @@ without unpickling arbitrary objects.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -106,12 +107,20 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
 
 
 # ----- reading -----
+@contextlib.contextmanager
+def foreign_file_warnings_silenced() -> Iterator[None]:
+    """torch.load warns before it fails on a file that is not a torch file (e.g. 'Detected pickle
+    protocol 171'); the one-line error that follows says it all, so the warning is dropped."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        yield
+
+
 def load(path: Path, mmap: bool = False) -> dict[str, Any]:
     if not path.is_file():
         raise ClframeError(f"no checkpoint at {path}; pass a run id or the path of a last.pt")
     try:
-        with warnings.catch_warnings():  # torch.load's notes on a foreign file: the error below says it all
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        with foreign_file_warnings_silenced():
             payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # truncated, foreign or unsafe pickles all mean: not ours
         raise ClframeError(f"{path} is not a readable clframe checkpoint ({type(exc).__name__})") from None

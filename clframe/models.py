@@ -5,12 +5,12 @@ Strategies touch the backbone only through timm's public ViT modules (``patch_em
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from clframe.checkpoint import foreign_file_warnings_silenced
 from clframe.config import RunConfig
 from clframe.errors import ClframeError, closest
 
@@ -39,8 +39,7 @@ def create_backbone(run: RunConfig) -> nn.Module:
     else:
         pretrained = run.pretrained
     try:
-        with warnings.catch_warnings():  # torch.load's notes on a foreign file: the error below says it all
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        with foreign_file_warnings_silenced():
             model = timm.create_model(run.model, pretrained=pretrained, num_classes=0, **kwargs)
     except TypeError as exc:
         raise ClframeError(f"model '{run.model}' does not take these model_kwargs: {exc}") from None
