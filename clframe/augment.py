@@ -41,6 +41,19 @@ def random_resized_crop_theta(n: int, generator: torch.Generator, device: torch.
     return theta
 
 
+def affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
+    """``F.affine_grid(theta, [n, c, size, size], align_corners=False)`` as broadcast arithmetic.
+
+    The library builds the grid as a batched product with an inner dimension of 3, which cuBLAS
+    runs as a ~0.3 ms fp32 GEMM at batch 128 and 224 px on Hopper; this is a few microseconds.
+    """
+    coords = (torch.arange(size, device=theta.device, dtype=theta.dtype) * 2 + 1) / size - 1  # pixel centres
+    x, y = coords.view(1, 1, size), coords.view(1, size, 1)
+    t = theta[:, :, :, None, None]  # [n, 2, 3, 1, 1]
+    return torch.stack([t[:, 0, 0] * x + t[:, 0, 1] * y + t[:, 0, 2], t[:, 1, 0] * x + t[:, 1, 1] * y + t[:, 1, 2]],
+                       dim=-1)
+
+
 def prepare(images: torch.Tensor, size: int, mean: tuple[float, ...] | None, std: tuple[float, ...] | None,
             train: bool, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
             crop_scale_min: float = 0.08, test_crop: float = 1.0,
@@ -62,12 +75,15 @@ def prepare(images: torch.Tensor, size: int, mean: tuple[float, ...] | None, std
     if not len(x):  # an empty shard (fewer images than ranks in a last batch)
         return x.new_zeros(0, x.shape[1], size, size, dtype=dtype)
     if train and generator is not None:
-        grid = F.affine_grid(theta, [len(x), x.shape[1], size, size], align_corners=False)
+        grid = affine_grid(theta, size)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     else:
         resized = size if test_crop >= 1.0 else int(round(size / test_crop))
         if x.shape[-1] != resized or x.shape[-2] != resized:
-            x = F.interpolate(x, size=(resized, resized), mode="bilinear", align_corners=False, antialias=True)
+            # Antialiasing only changes a downscale; upscaling (CIFAR's 32 to 224) gives the same pixels
+            # without it (to float rounding) and the antialiased CUDA kernel is ~5x slower.
+            shrinking = resized < max(x.shape[-2:])
+            x = F.interpolate(x, size=(resized, resized), mode="bilinear", align_corners=False, antialias=shrinking)
         if resized != size:
             top = (resized - size) // 2
             x = x[..., top:top + size, top:top + size]

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clframe import vit
 from clframe.checkpoint import foreign_file_warnings_silenced
 from clframe.config import RunConfig
 from clframe.errors import ClframeError, closest
@@ -107,5 +108,12 @@ def freeze(module: nn.Module) -> None:
 
 @torch.no_grad()
 def frozen_features(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Pooled pre-logits features of the unmodified backbone (the L2P query, the linear probe's input)."""
-    return backbone.forward_head(backbone.forward_features(images), pre_logits=True)
+    """Pooled pre-logits features of the unmodified backbone (the L2P query, the linear probe's input).
+
+    For a ViT whose head reads [CLS] the last block computes [CLS] alone (``vit.kept_tokens_block``):
+    the same features as timm's ``forward_features`` + ``forward_head``, ~6% less work.
+    """
+    if type(backbone).__name__ != "VisionTransformer":  # other families embed and pool their own way
+        return backbone.forward_head(backbone.forward_features(images), pre_logits=True)
+    x = vit.run_blocks(backbone, vit.embed(backbone, images), keep=vit.class_token_tokens(backbone))
+    return backbone.forward_head(backbone.norm(x), pre_logits=True)

@@ -72,8 +72,12 @@ def prompted_features(vit: nn.Module, images: torch.Tensor, prompts: dict[int, t
                       mode: str = PREFIX) -> torch.Tensor:
     """Head input of ``images`` through the frozen ``vit`` with ``prompts`` attached to their blocks."""
     x, inserted = vit_ops.embed(vit, images), 0
+    last = len(vit.blocks) - 1
+    read = vit_ops.class_token_tokens(vit)
     for index, blk in enumerate(vit.blocks):
         prompt = prompts.get(index)
+        if prompt is None and index == last and read is not None:  # the head reads [CLS] alone
+            return vit.forward_head(vit.norm(vit_ops.kept_tokens_block(blk, x, read)), pre_logits=True)
         if prompt is None:
             x = blk(x)
         elif mode == PREFIX:

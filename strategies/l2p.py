@@ -19,7 +19,7 @@ from clframe.models import create_backbone, feature_dim, freeze, frozen_features
 from clframe.query_cache import FrozenQueryCache
 from clframe.prompt_pool import PromptPool, SelectionStats
 from clframe.registry import register_strategy
-from clframe.vit import embed, insert_tokens, num_prefix_tokens
+from clframe.vit import embed, insert_tokens, num_prefix_tokens, run_blocks
 from strategies.base import Batch, ForwardOutput, Strategy, StrategyConfig, StreamInfo, TaskReport
 
 SELECTION = ("image", "batch")
@@ -87,10 +87,10 @@ class L2P(Strategy):
         vit = self.backbone
         tokens = self.pool.gather(ids).flatten(1, 2)  # [B, N·L, D]
         tokens = vit.norm_pre(tokens + cls_position(vit))  # norm_pre is per token
-        x = vit.norm(vit.blocks(insert_tokens(vit, embed(vit, images), tokens)))
         start = num_prefix_tokens(vit)
-        pooled = x[:, start:start + tokens.shape[1]].mean(dim=1) if self.config.head_input == "prompts" else x[:, 0]
-        return vit.head_drop(vit.fc_norm(pooled))
+        read = slice(start, start + tokens.shape[1]) if self.config.head_input == "prompts" else slice(0, 1)
+        x = vit.norm(run_blocks(vit, insert_tokens(vit, embed(vit, images), tokens), keep=read))  # [B, read, D]
+        return vit.head_drop(vit.fc_norm(x.mean(dim=1)))
 
     def selection_bias(self) -> torch.Tensor | None:
         if self.config.diversity <= 0 or self.task_id <= 0:

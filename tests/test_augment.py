@@ -51,3 +51,19 @@ def test_crop_scale_min_bounds_the_area():
     theta = random_resized_crop_theta(2000, torch.Generator().manual_seed(0), torch.device("cpu"), scale=(0.5, 1.0))
     area = theta[:, 0, 0].abs() * theta[:, 1, 1]
     assert area.min() >= 0.5 * 0.99 * 0.75  # sides clamped to the image can only shrink the ratio's area
+
+
+def test_test_mode_antialiases_a_downscale():
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = prepare(images, 16, None, None, train=False)
+    smooth = F.interpolate(images.float() / 255, size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
+    aliased = F.interpolate(images.float() / 255, size=(16, 16), mode="bilinear", align_corners=False)
+    assert torch.allclose(out, smooth, atol=1e-6) and not torch.allclose(out, aliased, atol=1e-3)
+
+
+def test_affine_grid_equals_torchs():
+    from clframe.augment import affine_grid
+
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))  # shear and rotation terms too
+    expected = F.affine_grid(theta, [5, 3, 12, 12], align_corners=False)
+    torch.testing.assert_close(affine_grid(theta, 12), expected, rtol=0, atol=2e-6)
