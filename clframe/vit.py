@@ -41,7 +41,11 @@ def patch_tokens(patch_embed: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def _plain_patchify(patch_embed: nn.Module, proj: nn.Module | None, images: torch.Tensor) -> bool:
-    if not isinstance(proj, nn.Conv2d) or images.dim() != 4 or not getattr(patch_embed, "flatten", False):
+    from timm.layers import PatchEmbed  # timm's own class only: a hybrid ViT's HybridEmbed runs a CNN first
+
+    if type(patch_embed) is not PatchEmbed or not isinstance(proj, nn.Conv2d) or images.dim() != 4:
+        return False
+    if not patch_embed.flatten or proj.in_channels != images.shape[1]:
         return False
     if proj.stride != proj.kernel_size or proj.padding != (0, 0) or proj.dilation != (1, 1) or proj.groups != 1:
         return False
@@ -130,10 +134,13 @@ def kept_tokens_block(blk: nn.Module, x: torch.Tensor, keep: slice) -> torch.Ten
 
 
 def _is_plain_block(blk: nn.Module) -> bool:
-    """timm's pre-norm ``Block`` with a fused-qkv ``Attention`` (what ``kept_tokens_block`` rewrites)."""
+    """timm's pre-norm ViT ``Block`` with its fused-qkv ``Attention`` (what ``kept_tokens_block``
+    rewrites); BEiT's or SAM's classes of the same names carry position biases and do not qualify."""
+    from timm.models.vision_transformer import Attention, Block
+
     attn = getattr(blk, "attn", None)
     qkv = getattr(attn, "qkv", None)
-    return (type(blk).__name__ == "Block" and type(attn).__name__ == "Attention" and isinstance(qkv, nn.Linear)
+    return (type(blk) is Block and type(attn) is Attention and isinstance(qkv, nn.Linear)
             and getattr(attn, "gate", None) is None and qkv.out_features % 3 == 0)
 
 
@@ -150,7 +157,14 @@ def run_blocks(vit: nn.Module, x: torch.Tensor, keep: slice | None = None) -> to
 
 
 def class_token_tokens(vit: nn.Module) -> slice | None:
-    """The tokens the model's own pooling reads when that is [CLS] alone (``slice(0, 1)``), else None."""
+    """The tokens the model's own pooling reads when that is [CLS] alone (``slice(0, 1)``), else None.
+
+    Only timm's plain ``VisionTransformer`` is judged by its settings: subclasses pool their own way
+    (distilled DeiT averages [CLS] and the distillation token)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if type(vit) is not VisionTransformer:
+        return None
     if getattr(vit, "attn_pool", None) is not None or getattr(vit, "global_pool", None) != "token":
         return None
     return slice(0, 1) if getattr(vit, "cls_token", None) is not None else None
