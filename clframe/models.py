@@ -113,7 +113,7 @@ def frozen_features(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
     For a ViT whose head reads [CLS] the last block computes [CLS] alone (``vit.kept_tokens_block``):
     the same features as timm's ``forward_features`` + ``forward_head``, ~6% less work.
     """
-    if type(backbone).__name__ != "VisionTransformer":  # other families embed and pool their own way
+    if not vit.is_plain_vit(backbone):  # other families embed and pool their own way
         return backbone.forward_head(backbone.forward_features(images), pre_logits=True)
     x = vit.run_blocks(backbone, vit.embed(backbone, images), keep=vit.class_token_tokens(backbone))
     return backbone.forward_head(backbone.norm(x), pre_logits=True)

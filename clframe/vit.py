@@ -156,14 +156,20 @@ def run_blocks(vit: nn.Module, x: torch.Tensor, keep: slice | None = None) -> to
     return kept_tokens_block(last, x, keep)
 
 
+def is_plain_vit(model: nn.Module) -> bool:
+    """timm's own ``VisionTransformer`` (not a subclass such as distilled DeiT, which embeds and pools
+    its own way): the model whose forward ``embed`` + blocks + ``norm`` + ``forward_head`` repeats."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return type(model) is VisionTransformer
+
+
 def class_token_tokens(vit: nn.Module) -> slice | None:
     """The tokens the model's own pooling reads when that is [CLS] alone (``slice(0, 1)``), else None.
 
     Only timm's plain ``VisionTransformer`` is judged by its settings: subclasses pool their own way
     (distilled DeiT averages [CLS] and the distillation token)."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    if type(vit) is not VisionTransformer:
+    if not is_plain_vit(vit):
         return None
     if getattr(vit, "attn_pool", None) is not None or getattr(vit, "global_pool", None) != "token":
         return None
