@@ -12,6 +12,7 @@ the top kernels.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -22,10 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.throughput import config_for, environment, synthetic_experience  # noqa: E402
-from clframe.engine import Engine, resolve_device  # noqa: E402
-from clframe.runner import build_strategy  # noqa: E402
-from scenarios.base import CLASS_IL, Stream  # noqa: E402
+from bench.throughput import config_for, environment, warmed_engine  # noqa: E402
+from clframe.engine import resolve_device  # noqa: E402
+from clframe.registry import STRATEGIES  # noqa: E402
 
 KINDS = (("attention", ("flash", "fmha", "attention", "sdpa")),
          ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "sm90", "wgmma", "cublas")),
@@ -71,17 +71,12 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="config override, as clframe run --set")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    config = config_for(args.strategy, args, ["epochs=1", f"{args.strategy}.cache_queries=false"]
-                        if args.strategy in ("l2p", "dualprompt", "coda_prompt") else ["epochs=1"])
-    classes = list(range(10))
-    warm = synthetic_experience(args.batch * args.warmup, args.eval_batch * 2, classes, 2)
-    timed = synthetic_experience(args.batch * args.steps, args.eval_batch * args.steps, classes, 1)
-    stream = Stream("synthetic", CLASS_IL, [f"c{i}" for i in range(100)], [timed])
-    strategy = build_strategy(config, stream)
-    engine = Engine(config, stream, strategy, device, lambda metrics, step: None)
+    fields = {f.name for f in dataclasses.fields(STRATEGIES.get(args.strategy).config_cls)}
+    # Every evaluation is profiled as a first one: the query cache would turn the second into a repeat.
+    no_cache = [f"{args.strategy}.cache_queries=false"] if "cache_queries" in fields else []
+    config = config_for(args.strategy, args, ["epochs=1", *no_cache])
     start = time.perf_counter()
-    engine.train_task(warm)
-    engine.evaluate(warm)
+    engine, timed = warmed_engine(config, args, device, args.eval_batch * args.steps)
     warm_s = time.perf_counter() - start
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":

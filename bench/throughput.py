@@ -60,16 +60,22 @@ def environment(device: torch.device) -> dict:
     return {"device_name": name, "torch": torch.__version__, "timm": timm.__version__}
 
 
-def measure(strategy_name: str, args, device: torch.device) -> dict:
-    config = config_for(strategy_name, args, [f"epochs=1"])
+def warmed_engine(config, args, device: torch.device, timed_eval_images: int) -> tuple[Engine, Experience]:
+    """The engine ``clframe run`` would build, warmed up (compiled) on one task, and the CIFAR-shaped
+    task to time: ``args.steps`` training batches of ``args.batch`` and ``timed_eval_images`` test images."""
     classes = list(range(10))
-    timed = synthetic_experience(args.batch * args.steps, args.eval_images, classes, 1)
+    timed = synthetic_experience(args.batch * args.steps, timed_eval_images, classes, 1)
     warm = synthetic_experience(args.batch * args.warmup, args.eval_batch * 2, classes, 2)
     stream = Stream("synthetic", CLASS_IL, [f"c{i}" for i in range(100)], [timed])
-    strategy = build_strategy(config, stream)
-    engine = Engine(config, stream, strategy, device, lambda metrics, step: None)
+    engine = Engine(config, stream, build_strategy(config, stream), device, lambda metrics, step: None)
     engine.train_task(warm)
     engine.evaluate(warm)
+    return engine, timed
+
+
+def measure(strategy_name: str, args, device: torch.device) -> dict:
+    config = config_for(strategy_name, args, [f"epochs=1"])
+    engine, timed = warmed_engine(config, args, device, args.eval_images)
     engine.timer = type(engine.timer)()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -86,7 +92,7 @@ def measure(strategy_name: str, args, device: torch.device) -> dict:
                 world_size=distributed.world(), eval_batch=args.eval_batch, train_img_s=round(engine.timer.rate("train"), 1),
                 eval_img_s=round(first_eval, 1), eval_repeat_img_s=round(engine.timer.rate("eval"), 1),
                 train_peak_gib=train_peak,
-                eval_peak_gib=eval_peak, trainable_params=strategy.count_trainable(),
+                eval_peak_gib=eval_peak, trainable_params=engine.strategy.count_trainable(),
                 fast_path=[s for s in args.set])
 
 
