@@ -74,7 +74,10 @@ def warmed_engine(config, args, device: torch.device, timed_eval_images: int) ->
 
 
 def measure(strategy_name: str, args, device: torch.device) -> dict:
-    config = config_for(strategy_name, args, [f"epochs=1"])
+    # Each strategy is measured as its own `clframe run` would be: compiled graphs of the strategies
+    # measured before it (all share timm's Block.forward) must not use up its recompile limit.
+    torch._dynamo.reset()
+    config = config_for(strategy_name, args, ["epochs=1"])
     engine, timed = warmed_engine(config, args, device, args.eval_images)
     engine.timer = type(engine.timer)()
     if device.type == "cuda":
