@@ -113,8 +113,8 @@ def block(blk: nn.Module, x: torch.Tensor, prefix_k: torch.Tensor | None = None,
           prefix_v: torch.Tensor | None = None) -> torch.Tensor:
     """One pre-norm transformer block with optional attention prefixes.
 
-    The prefixed form runs eager even where blocks are compiled. Compiled, DualPrompt trained 12.7%
-    faster at a steady batch size on an H200 (3587 against 3184 img/s), but its Split CIFAR-100
+    The prefixed form runs eager even where blocks are compiled. Compiled, DualPrompt trained 8%
+    faster at a steady batch size on an H200 (3444 against 3184 img/s), but its Split CIFAR-100
     protocol, compilation included, took 130.5 s instead of 102.7 s.
     """
     if prefix_k is None:
