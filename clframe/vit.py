@@ -152,9 +152,10 @@ def _is_plain_block(blk: nn.Module) -> bool:
 def run_blocks(vit: nn.Module, x: torch.Tensor, keep: slice | None = None) -> torch.Tensor:
     """``vit.blocks(x)``; with ``keep``, only the tokens ``keep`` of the last block's output (see
     :func:`kept_tokens_block`). That block runs eager: it is a sixth of a block, mostly one cuBLAS
-    product. Compiled (with the slice taken outside the graph: Inductor 2.11 cannot compile a slice's
-    backward under dynamic batch sizes) it trained 1.6% faster at a steady batch size on an H200, but
-    the whole Split CIFAR-100 L2P protocol, compilation included, took 121.5 s instead of 100.2 s."""
+    product. Compiled (with the slice taken outside the graph: with it inside, Inductor 2.11 crashed
+    compiling the backward for a new batch size) it trained 1.6% faster at a steady batch size on an
+    H200, but the whole Split CIFAR-100 L2P protocol, compilation included, took 121.5 s instead of
+    the 100.2 s measured a session earlier with the eager block."""
     if keep is None:
         return vit.blocks(x)
     *body, last = vit.blocks
