@@ -38,6 +38,7 @@ def experience(task_id: int, classes: list[int], n_train: int, n_test: int, seed
 
 
 def measure(name: str, n_seen: int, args) -> dict:
+    torch._dynamo.reset()  # one process measures them all: earlier graphs must not use up this one's recompile limit
     domain_il = name == "dapl"
     n_classes = n_seen if domain_il else 100
     scenario = "split_cifar100"  # for its config sections only; the stream is built here
