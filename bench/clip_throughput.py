@@ -24,7 +24,7 @@ from clframe.config import resolve_config  # noqa: E402
 from clframe.engine import Engine, resolve_device  # noqa: E402
 from clframe.registry import SCENARIOS, STRATEGIES  # noqa: E402
 from clframe.runner import build_strategy  # noqa: E402
-from scenarios.base import CLASS_IL, DOMAIN_IL, Experience, Stream  # noqa: E402
+from clframe.scenarios.base import CLASS_IL, DOMAIN_IL, Experience, Stream  # noqa: E402
 
 
 def experience(task_id: int, classes: list[int], n_train: int, n_test: int, seed: int) -> Experience:

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from clframe.config import builtin_config, resolve_config  # noqa: E402
 from clframe.registry import SCENARIOS, STRATEGIES  # noqa: E402
-from scenarios.base import CLASS_IL, DOMAIN_IL  # noqa: E402
-from strategies.base import StrategyConfig, StreamInfo  # noqa: E402
+from clframe.scenarios.base import CLASS_IL, DOMAIN_IL  # noqa: E402
+from clframe.strategies.base import StrategyConfig, StreamInfo  # noqa: E402
 
 COMMON_FIELDS = {f.name for f in dataclasses.fields(StrategyConfig)}
 

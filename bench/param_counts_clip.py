@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from clframe.config import resolve_config  # noqa: E402
 from clframe.registry import SCENARIOS, STRATEGIES  # noqa: E402
-from scenarios.base import CLASS_IL, DOMAIN_IL  # noqa: E402
-from strategies.base import StreamInfo  # noqa: E402
+from clframe.scenarios.base import CLASS_IL, DOMAIN_IL  # noqa: E402
+from clframe.strategies.base import StreamInfo  # noqa: E402
 
 ROWS = [  # strategy, --set overrides, what trains
     ("zeroshot_clip", [], "nothing"),

@@ -34,7 +34,7 @@ from clframe.config import resolve_config  # noqa: E402
 from clframe.engine import Engine, resolve_device  # noqa: E402
 from clframe.registry import SCENARIOS, STRATEGIES  # noqa: E402
 from clframe.runner import build_strategy, run_experiment  # noqa: E402
-from scenarios.base import CLASS_IL, Experience, Stream  # noqa: E402
+from clframe.scenarios.base import CLASS_IL, Experience, Stream  # noqa: E402
 
 
 def config_for(strategy: str, args, sets: list[str]):

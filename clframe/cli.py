@@ -192,7 +192,13 @@ def ui(backend_store_uri, port, host) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The console script: every failure a user can cause ends as one ``error:`` line on stderr."""
+    """The console script: every failure a user can cause ends as one ``error:`` line on stderr.
+
+    The working directory goes first on ``sys.path`` (as ``python -m`` does), so ``--strategy
+    my_module:MyStrategy`` finds the user's own module in the folder they run from, ahead of any
+    installed package of the same name."""
+    if os.getcwd() not in sys.path[:1]:
+        sys.path.insert(0, os.getcwd())
     try:
         code = cli.main(args=argv, standalone_mode=False, obj={"argv": list(sys.argv[1:] if argv is None else argv)})
     except click.ClickException as exc:  # usage errors: unknown option, a value click cannot convert

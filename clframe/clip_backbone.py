@@ -31,7 +31,7 @@ from clframe.errors import ClframeError, closest
 from clframe.models import _go_offline_without_network, freeze
 
 if TYPE_CHECKING:
-    from strategies.base import StreamInfo
+    from clframe.strategies.base import StreamInfo
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

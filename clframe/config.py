@@ -220,7 +220,7 @@ def load_yaml(path: Path | str, what: str) -> dict[str, Any]:
 
 def builtin_config(name: str) -> dict[str, Any]:
     """The packaged ``configs/<name>.yaml`` (empty when there is none); works after a wheel install."""
-    resource = resources.files("configs").joinpath(f"{name}.yaml")
+    resource = resources.files("clframe.configs").joinpath(f"{name}.yaml")
     if not resource.is_file():
         return {}
     with resources.as_file(resource) as path:
@@ -228,7 +228,7 @@ def builtin_config(name: str) -> dict[str, Any]:
 
 
 def builtin_config_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("configs").iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[:-5] for p in resources.files("clframe.configs").iterdir() if p.name.endswith(".yaml"))
 
 
 @dataclass

@@ -16,7 +16,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -26,8 +26,8 @@ from clframe import distributed, fastpath, metrics
 from clframe.augment import prepare
 from clframe.config import ResolvedConfig
 from clframe.errors import ClframeError
-from scenarios.base import CLASS_IL, Experience, Stream
-from strategies.base import Batch, Strategy
+from clframe.scenarios.base import CLASS_IL, Experience, Stream
+from clframe.strategies.base import Batch, Replay, Strategy
 
 
 class TrainingDiverged(ClframeError):
@@ -122,6 +122,7 @@ class Engine:
         self.stream = stream
         self.strategy = strategy.to(device)
         self.device = device
+        strategy.attach_engine(self)
         self.log_metrics = log_metrics
         self.on_task_end = on_task_end
         self.timer = PhaseTimer()
@@ -154,26 +155,28 @@ class Engine:
         run, strategy, task = self.run, self.strategy, experience.task_id
         torch.manual_seed(task_seed(run.seed, task, 1))
         strategy.before_task(experience)
+        train_images, train_labels = strategy.train_set(experience)
         params = list(strategy.trainable_parameters())
         optimizer = strategy.configure_optimizer(params, self.learning_rate()) if params else None
         class_mask = strategy.train_class_mask()
         class_mask = class_mask.to(self.device) if class_mask is not None else None
         order = torch.Generator().manual_seed(task_seed(run.seed, task, 2))
         augment = torch.Generator(device=self.device).manual_seed(task_seed(run.seed, task, 3))
-        images = experience.train_images.to(self.device, non_blocking=True)
-        labels = experience.train_labels.to(self.device, non_blocking=True)
+        images = train_images.to(self.device, non_blocking=True)
+        labels = train_labels.to(self.device, non_blocking=True)
         n = len(labels)
         steps = math.ceil(n / run.batch_size)
+        epochs = run.epochs if optimizer is not None and n else 0  # nothing trains (prototype methods): no loop
         self.optimizer = optimizer  # kept for the task-boundary checkpoint
         watch = DivergenceWatch(self.device)
         strategy.train()
         self._sync()
         start = time.perf_counter()
         sharded = distributed.world() > 1
-        bar = tqdm(total=run.epochs * steps, desc=f"task {task + 1}/{len(self.train_experiences)}",
+        bar = tqdm(total=epochs * steps, desc=f"task {task + 1}/{len(self.train_experiences)}",
                    disable=not run.progress or not distributed.is_main(), leave=True, dynamic_ncols=True, mininterval=0.5)
         try:  # the bar is closed even when a signal or a NaN stops the task, so messages start a line
-            for epoch in range(run.epochs):
+            for epoch in range(epochs):
                 permutation = torch.randperm(n, generator=order).to(self.device)
                 loss_sum = torch.zeros((), device=self.device)
                 for step in range(steps):
@@ -184,6 +187,9 @@ class Engine:
                                           generator=augment, crop_scale_min=run.crop_scale_min,
                                           rows=(mine[0] - first, end - first)),
                                   labels[index], task, True, index)
+                    replay = strategy.replay(len(index))
+                    if replay is not None:
+                        self._append_replay(batch, replay, augment)
                     with self.autocast():
                         out = strategy(batch)  # every rank runs it, even on an empty shard (collectives inside)
                     if not len(index):  # this rank holds none of a short last batch: it adds nothing
@@ -218,8 +224,36 @@ class Engine:
         distributed.reduce_selection_stats(strategy, task)  # this task's counts, over every rank's images
         self._sync()
         self.timer.seconds["train"] += time.perf_counter() - start
-        self.timer.images["train"] += n * run.epochs
+        self.timer.images["train"] += n * epochs
         strategy.after_task(experience)
+
+    def _append_replay(self, batch: Batch, replay: Replay, augment: torch.Generator) -> None:
+        """Rehearsal: the replayed uint8 images are augmented as the current ones (same generator,
+        drawn after them) and appended to the batch; ``batch.n_current`` marks where they start."""
+        run = self.run
+        replayed = prepare(replay.images.to(self.device), self.image_size, self.mean, self.std, train=run.train_aug,
+                           generator=augment, crop_scale_min=run.crop_scale_min)
+        batch.n_current = len(batch.labels)
+        batch.images = torch.cat([batch.images, replayed.to(batch.images.dtype)])
+        batch.labels = torch.cat([batch.labels, replay.labels.to(self.device)])
+        batch.replay = replay
+
+    # ----- data for a strategy's passes outside the loop (EngineIO) -----
+    def batches(self, images: torch.Tensor, labels: torch.Tensor, task_id: int, augment: bool,
+                batch_size: int | None) -> Iterator[Batch]:
+        """Engine-prepared batches of uint8 ``images`` in order (see ``Strategy.prepared_batches``);
+        with ``augment`` the training augmentation is drawn from a generator seeded by (seed, task)."""
+        size = batch_size or self.run.eval_batch_size
+        generator = None
+        if augment:
+            generator = torch.Generator(device=self.device).manual_seed(task_seed(self.run.seed, task_id, 4))
+        for first in range(0, len(labels), size):
+            chunk = images[first:first + size].to(self.device, non_blocking=True)
+            prepared = prepare(chunk, self.image_size, self.mean, self.std, train=augment and self.run.train_aug,
+                               generator=generator, crop_scale_min=self.run.crop_scale_min,
+                               test_crop=1.0 if augment else self.run.test_crop)
+            yield Batch(prepared, labels[first:first + size].to(self.device, non_blocking=True), task_id, False,
+                        torch.arange(first, first + len(chunk), device=self.device))
 
     def _diverged(self, experience: Experience, bad_step: int | None, value: float, epoch: int,
                   steps: int) -> TrainingDiverged:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 if TYPE_CHECKING:  # strategies import this module; a runtime import would be circular
-    from strategies.base import Batch
+    from clframe.strategies.base import Batch
 
 
 class FrozenQueryCache:

@@ -98,5 +98,5 @@ def register_scenario(name: str, *, config: type) -> Callable[[Callable], Callab
 
 
 def load_builtins() -> None:
-    importlib.import_module("strategies")
-    importlib.import_module("scenarios")
+    importlib.import_module("clframe.strategies")
+    importlib.import_module("clframe.scenarios")

@@ -28,8 +28,8 @@ from clframe.engine import Engine, TrainingDiverged, resolve_device
 from clframe.errors import ClframeError
 from clframe.registry import SCENARIOS, STRATEGIES
 from clframe.tracking import FallbackTracker, NullTracker, check_reachable, git_commit, resolve_uri
-from scenarios.base import Stream
-from strategies.base import Strategy, StreamInfo
+from clframe.scenarios.base import Stream
+from clframe.strategies.base import Strategy, StreamInfo
 
 # Keys that may differ between a run and its resumption (where and how fast it runs, not what it computes).
 RESUME_FREE_KEYS = {"run.progress", "run.tracking_uri", "run.checkpoint_dir", "run.eval_batch_size",

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from clframe.config import option
 from clframe.models import frozen_features
-from strategies.base import Batch, ForwardOutput
-from strategies.linear import Linear, LinearConfig
+from clframe.strategies.base import Batch, ForwardOutput
+from clframe.strategies.linear import Linear, LinearConfig
 
 
 @dataclass

@@ -1,3 +1,3 @@
 """Built-in scenarios; importing this package registers them."""
-from scenarios import (avalanche_streams, core50, digits_domains, folders, split_cifar100,  # noqa: F401
+from clframe.scenarios import (avalanche_streams, core50, digits_domains, folders, split_cifar100,  # noqa: F401
                        split_digits)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from clframe.config import RunConfig, option
 from clframe.errors import ClframeError, closest
 from clframe.registry import register_scenario
-from scenarios.base import CLASS_IL, DOMAIN_IL, Experience, Stream
+from clframe.scenarios.base import CLASS_IL, DOMAIN_IL, Experience, Stream
 
 
 @dataclass
@@ -177,9 +177,13 @@ def benchmark_to_stream(benchmark: Any, name: str, kind: str = "auto", class_nam
 
 def import_classic() -> Any:
     """``avalanche.benchmarks.classic``, imported quietly (it warns about optional solvers it lacks)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import avalanche.benchmarks.classic as classic
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import avalanche.benchmarks.classic as classic
+    except ImportError:
+        raise ClframeError("this scenario needs avalanche-lib, an optional extra: pip install 'clframe[avalanche]' "
+                           "(or pip install -e '.[avalanche]' in the repository)") from None
     return classic
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from clframe.config import RunConfig, option
 from clframe.errors import ClframeError
 from clframe.registry import register_scenario
-from scenarios.avalanche_streams import benchmark_to_stream, import_classic
-from scenarios.base import DOMAIN_IL, Stream
+from clframe.scenarios.avalanche_streams import benchmark_to_stream, import_classic
+from clframe.scenarios.base import DOMAIN_IL, Stream
 
 METADATA = ("paths.pkl", "LUP.pkl", "labels.pkl", "labels2names.pkl")
 N_SESSIONS = 8  # NI training batches

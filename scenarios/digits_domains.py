@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from clframe.config import RunConfig, option
 from clframe.errors import ClframeError
 from clframe.registry import register_scenario
-from scenarios.base import DOMAIN_IL, Experience, Stream
-from scenarios.split_digits import DIGIT_NAMES, load_digits_uint8, stratified_split
+from clframe.scenarios.base import DOMAIN_IL, Experience, Stream
+from clframe.scenarios.split_digits import DIGIT_NAMES, load_digits_uint8, stratified_split
 
 # A domain transform: float images [N, 3, S, S] in [0, 1] and a generator -> the same, transformed.
 DomainTransform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]

@@ -22,8 +22,8 @@ import torch
 from clframe.config import RunConfig, option
 from clframe.errors import ClframeError
 from clframe.registry import register_scenario
-from scenarios.base import CLASS_IL, DOMAIN_IL, Experience, Stream, class_order, split_by_classes
-from scenarios.split_digits import stratified_split
+from clframe.scenarios.base import CLASS_IL, DOMAIN_IL, Experience, Stream, class_order, split_by_classes
+from clframe.scenarios.split_digits import stratified_split
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 

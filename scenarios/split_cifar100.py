@@ -20,7 +20,7 @@ import torch
 from clframe.config import RunConfig, option
 from clframe.errors import ClframeError
 from clframe.registry import register_scenario
-from scenarios.base import CLASS_IL, Stream, class_order, split_by_classes
+from clframe.scenarios.base import CLASS_IL, Stream, class_order, split_by_classes
 
 FOLDER = "cifar-100-python"
 ARCHIVE = "cifar-100-python.tar.gz"

@@ -12,7 +12,7 @@ import torch
 
 from clframe.config import RunConfig, option
 from clframe.registry import register_scenario
-from scenarios.base import CLASS_IL, Stream, class_order, split_by_classes
+from clframe.scenarios.base import CLASS_IL, Stream, class_order, split_by_classes
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 

@@ -20,7 +20,7 @@ from clframe import vit
 from clframe.config import RunConfig, option
 from clframe.models import create_backbone, feature_dim, freeze
 from clframe.registry import register_strategy
-from strategies.base import Batch, ForwardOutput, Strategy, StrategyConfig, StreamInfo
+from clframe.strategies.base import Batch, ForwardOutput, Strategy, StrategyConfig, StreamInfo
 
 
 @dataclass

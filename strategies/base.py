@@ -7,9 +7,12 @@ overrides a few hooks. The engine calls them in this order::
     strategy = MyStrategy(cfg, run, stream_info)          # build modules; freeze what stays fixed
     for experience in stream:
         strategy.before_task(experience)                  # grow/initialise per-task state
+        images, labels = strategy.train_set(experience)   # default: the experience's training split
         optimizer = strategy.configure_optimizer()        # fresh optimizer over trainable_parameters()
-        for each batch:  out = strategy(batch); loss = strategy.loss(out, batch); step
-        strategy.after_task(experience)                   # consolidate, freeze, copy prompts, ...
+        for each batch (skipped when nothing trains):
+            replay = strategy.replay(n)                   # rehearsal: uint8 samples appended to the batch
+            out = strategy(batch); loss = strategy.loss(out, batch, class_mask); step
+        strategy.after_task(experience)                   # consolidate, freeze, statistics passes, ...
         for each test set seen so far:  strategy(batch) with batch.training False
         strategy.task_report()                            # extra metrics/artifacts for this task
 
@@ -23,9 +26,19 @@ Hooks and what they may change:
   classes not seen yet), plus optional ``extra_loss`` (added to the loss at training) and
   ``selected`` (e.g. prompt ids, for reports). It must not use ``batch.task_id`` to predict at
   test time: it is given only so a strategy can *report* task-identification accuracy.
-- ``loss(out, batch)``: default is cross-entropy over the logits masked to the classes that
-  ``config.train_mask`` allows, plus ``out.extra_loss``.
+- ``loss(out, batch, class_mask)``: default is cross-entropy over the logits masked to the classes
+  that ``config.train_mask`` allows (``class_mask``, None = all), plus ``out.extra_loss``.
 - ``before_task(experience)`` / ``after_task(experience)``: per-task bookkeeping. Call super().
+- ``train_set(experience) -> (uint8 images, labels)``: what the task trains on (GDumb trains on
+  its buffer instead). With no trainable parameters the engine skips the training loop.
+- ``replay(n_current) -> Replay | None``: rehearsal. Samples returned here (uint8 images on the
+  device, labels, optionally stored logits) are augmented exactly as the current images and
+  appended to the batch: ``batch.images[batch.n_current:]`` are the replayed rows and
+  ``batch.replay`` holds their labels/logits. The default returns None and costs nothing.
+- ``task_batches(experience)`` / ``prepared_batches(images, labels)``: after training (EWC's
+  Fisher, prototypes, herding), the images of a task prepared by the engine exactly as for
+  evaluation (resized, normalised; augmented only with ``augment=True``), as ``Batch`` objects on
+  the device; run the model inside ``self.autocast()`` to match training's precision.
 - ``configure_optimizer(params, lr)``: override for per-group learning rates.
 - ``input_spec()``: image size and normalisation (default: the timm backbone's).
 - ``task_report()``: ``TaskReport(metrics, artifacts)`` logged at the task step.
@@ -36,8 +49,9 @@ Read-only continual-learning state: ``seen_classes``, ``current_classes``, ``tas
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +59,7 @@ from torch import nn
 
 from clframe.config import RunConfig, option
 from clframe.models import input_stats, native_image_size
-from scenarios.base import CLASS_IL, Experience
+from clframe.scenarios.base import CLASS_IL, Experience
 
 
 @dataclass
@@ -80,6 +94,30 @@ class Batch:
     # the same (task_id, eval_slice) always holds the same images, so a strategy may cache what depends
     # only on its frozen model (see clframe.query_cache) without a device sync.
     eval_slice: tuple[int, int] | None = None
+    # Rehearsal: the first ``n_current`` rows are the task's own images, the rest are ``replay``'s.
+    n_current: int | None = None
+    replay: "Replay | None" = None
+
+
+@dataclass
+class Replay:
+    """Samples a rehearsal strategy adds to a training batch (see ``Strategy.replay``)."""
+
+    images: torch.Tensor  # uint8 [m, 3, H, W] on the engine's device
+    labels: torch.Tensor  # int64 [m]
+    logits: torch.Tensor | None = None  # stored at insertion (DER/DER++)
+    task_ids: torch.Tensor | None = None
+
+
+class EngineIO(Protocol):
+    """What the engine lends a strategy for passes outside the training loop."""
+
+    device: torch.device
+
+    def batches(self, images: torch.Tensor, labels: torch.Tensor, task_id: int, augment: bool,
+                batch_size: int | None) -> Iterator["Batch"]: ...
+
+    def autocast(self) -> contextlib.AbstractContextManager: ...
 
 
 @dataclass
@@ -109,6 +147,7 @@ class Strategy(nn.Module, abc.ABC):
         self._seen: list[int] = []
         self._current: list[int] = []
         self._task_id = -1
+        self._engine_io: EngineIO | None = None  # set by the engine (clframe.engine.Engine)
 
     # ----- read-only continual-learning state -----
     @property
@@ -141,6 +180,42 @@ class Strategy(nn.Module, abc.ABC):
 
     def after_task(self, experience: Experience) -> None:
         """Called after training on ``experience``, before evaluation."""
+
+    def train_set(self, experience: Experience) -> tuple[torch.Tensor, torch.Tensor]:
+        """The uint8 images and labels the engine trains this task on (after ``before_task``)."""
+        return experience.train_images, experience.train_labels
+
+    def replay(self, n_current: int) -> Replay | None:
+        """Rehearsal samples to append to a training batch of ``n_current`` images (default: none)."""
+        return None
+
+    # ----- engine-prepared data for passes outside the training loop -----
+    def attach_engine(self, io: EngineIO | None) -> None:
+        self._engine_io = io
+
+    def _io(self) -> EngineIO:
+        if self._engine_io is None:
+            raise RuntimeError("prepared batches exist only once an Engine holds the strategy")
+        return self._engine_io
+
+    def prepared_batches(self, images: torch.Tensor, labels: torch.Tensor, *, task_id: int | None = None,
+                         augment: bool = False, batch_size: int | None = None) -> Iterator[Batch]:
+        """uint8 ``images`` prepared as the engine prepares evaluation images (or training images,
+        with ``augment``), in order, as ``Batch`` objects on the device (``training`` False)."""
+        task = self._task_id if task_id is None else task_id
+        return self._io().batches(images, labels, task, augment, batch_size)
+
+    def task_batches(self, experience: Experience, split: str = "train", *, augment: bool = False,
+                     batch_size: int | None = None) -> Iterator[Batch]:
+        """A task's training (or ``split="test"``) images, engine-prepared; see ``prepared_batches``."""
+        images = experience.train_images if split == "train" else experience.test_images
+        labels = experience.train_labels if split == "train" else experience.test_labels
+        return self.prepared_batches(images, labels, task_id=experience.task_id, augment=augment,
+                                     batch_size=batch_size)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The engine's mixed-precision context (a no-op before an engine holds the strategy)."""
+        return self._engine_io.autocast() if self._engine_io is not None else contextlib.nullcontext()
 
     def input_spec(self) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
         """(image size, mean, std) the engine prepares images with; default: the timm backbone's.

@@ -19,8 +19,8 @@ from torch import nn
 
 from clframe.config import RunConfig, option
 from clframe.registry import register_strategy
-from strategies.base import Batch, ForwardOutput, StreamInfo
-from strategies.coop import CoOp, CoOpConfig
+from clframe.strategies.base import Batch, ForwardOutput, StreamInfo
+from clframe.strategies.coop import CoOp, CoOpConfig
 
 
 @dataclass

@@ -26,7 +26,7 @@ from clframe.models import feature_dim, frozen_features
 from clframe.prefix_prompts import by_block, frozen_vit, prompted_features
 from clframe.query_cache import FrozenQueryCache
 from clframe.registry import register_strategy
-from strategies.base import Batch, ForwardOutput, Strategy, StrategyConfig, StreamInfo
+from clframe.strategies.base import Batch, ForwardOutput, Strategy, StrategyConfig, StreamInfo
 
 
 @dataclass

@@ -19,8 +19,8 @@ from clframe.clip_backbone import ClipBackbone, ClipOptions, prompt_class_names
 from clframe.config import RunConfig, option
 from clframe.registry import register_strategy
 from clframe.text_prompts import EvalCache, PromptSlots, class_prompt, init_context
-from scenarios.base import CLASS_IL
-from strategies.base import Batch, ForwardOutput, Strategy, StrategyConfig, StreamInfo
+from clframe.scenarios.base import CLASS_IL
+from clframe.strategies.base import Batch, ForwardOutput, Strategy, StrategyConfig, StreamInfo
 
 
 @dataclass

@@ -28,8 +28,8 @@ from clframe.config import RunConfig, option
 from clframe.errors import ClframeError
 from clframe.registry import register_strategy
 from clframe.text_prompts import EvalCache, PromptSlots, init_context
-from scenarios.base import DOMAIN_IL, Experience
-from strategies.base import Batch, ForwardOutput, Strategy, StrategyConfig, StreamInfo, TaskReport
+from clframe.scenarios.base import DOMAIN_IL, Experience
+from clframe.strategies.base import Batch, ForwardOutput, Strategy, StrategyConfig, StreamInfo, TaskReport
 
 
 @dataclass

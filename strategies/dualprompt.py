@@ -25,7 +25,7 @@ from clframe.prefix_prompts import MODES, by_block, frozen_vit, prompt_shape, pr
 from clframe.prompt_pool import PromptPool, SelectionStats
 from clframe.query_cache import FrozenQueryCache
 from clframe.registry import register_strategy
-from strategies.base import Batch, ForwardOutput, Strategy, StrategyConfig, StreamInfo, TaskReport
+from clframe.strategies.base import Batch, ForwardOutput, Strategy, StrategyConfig, StreamInfo, TaskReport
 
 
 @dataclass

@@ -8,7 +8,7 @@ from torch import nn
 from clframe.config import RunConfig
 from clframe.models import create_backbone, feature_dim
 from clframe.registry import register_strategy
-from strategies.base import Batch, ForwardOutput, Strategy, StrategyConfig, StreamInfo
+from clframe.strategies.base import Batch, ForwardOutput, Strategy, StrategyConfig, StreamInfo
 
 
 @dataclass

@@ -20,7 +20,7 @@ from clframe.query_cache import FrozenQueryCache
 from clframe.prompt_pool import PromptPool, SelectionStats
 from clframe.registry import register_strategy
 from clframe.vit import embed, insert_tokens, num_prefix_tokens, run_blocks
-from strategies.base import Batch, ForwardOutput, Strategy, StrategyConfig, StreamInfo, TaskReport
+from clframe.strategies.base import Batch, ForwardOutput, Strategy, StrategyConfig, StreamInfo, TaskReport
 
 SELECTION = ("image", "batch")
 

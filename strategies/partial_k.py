@@ -15,7 +15,7 @@ from clframe.config import RunConfig, option
 from clframe.errors import ClframeError
 from clframe.models import create_backbone, feature_dim, freeze
 from clframe.registry import register_strategy
-from strategies.base import Batch, ForwardOutput, Strategy, StrategyConfig, StreamInfo
+from clframe.strategies.base import Batch, ForwardOutput, Strategy, StrategyConfig, StreamInfo
 
 
 @dataclass

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from clframe import vit
 from clframe.registry import register_strategy
-from strategies.base import Batch, ForwardOutput
-from strategies.vpt_shallow import VptShallow, VptShallowConfig
+from clframe.strategies.base import Batch, ForwardOutput
+from clframe.strategies.vpt_shallow import VptShallow, VptShallowConfig
 
 
 @dataclass

@@ -8,7 +8,7 @@ from clframe.clip_backbone import ClipBackbone, ClipOptions, prompt_class_names
 from clframe.config import RunConfig, option
 from clframe.registry import register_strategy
 from clframe.text_prompts import EvalCache
-from strategies.base import Batch, ForwardOutput, Strategy, StrategyConfig, StreamInfo
+from clframe.strategies.base import Batch, ForwardOutput, Strategy, StrategyConfig, StreamInfo
 
 
 @dataclass

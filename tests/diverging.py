@@ -3,8 +3,8 @@
 Run it as ``--strategy diverging:Diverging`` with ``tests/`` on PYTHONPATH."""
 from __future__ import annotations
 
-from strategies.base import Batch, ForwardOutput
-from strategies.linear import Linear
+from clframe.strategies.base import Batch, ForwardOutput
+from clframe.strategies.linear import Linear
 
 BAD_TASK, BAD_STEP = 1, 2  # 0-based: the 3rd step of the 2nd task
 

@@ -20,9 +20,9 @@ from clframe.registry import SCENARIOS, STRATEGIES  # noqa: E402
 from clframe.runner import build_strategy, run_experiment  # noqa: E402
 from clframe.text_prompts import PromptSlots, class_prompt, init_context  # noqa: E402
 from conftest import clframe_subprocess  # noqa: E402
-from scenarios.base import CLASS_IL, DOMAIN_IL, Experience, Stream  # noqa: E402
-from scenarios.split_digits import DIGIT_NAMES  # noqa: E402
-from strategies.base import Batch, StreamInfo  # noqa: E402
+from clframe.scenarios.base import CLASS_IL, DOMAIN_IL, Experience, Stream  # noqa: E402
+from clframe.scenarios.split_digits import DIGIT_NAMES  # noqa: E402
+from clframe.strategies.base import Batch, StreamInfo  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +245,7 @@ def test_offline_pretrained_tag_names_weights(tmp_path):
 
 def test_strategies_import_without_open_clip(tmp_path):
     code = ("import sys; sys.modules['open_clip'] = None\n"
-            "import strategies\n"
+            "import clframe.strategies\n"
             "from clframe.cli import main\n"
             f"sys.argv = ['clframe', 'run', '--strategy', 'coop', '--model', 'clip_tiny', '--no-progress', "
             f"'--tracking-uri', 'sqlite:///{tmp_path}/mlflow.db']\n"

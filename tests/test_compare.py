@@ -25,7 +25,7 @@ from clframe.compare import compare_runs
 from clframe.errors import ClframeError
 from clframe.sweep import plan_sweep
 from conftest import TINY_SETS
-from strategies.linear import Linear
+from clframe.strategies.linear import Linear
 
 TWO_TASKS = [*TINY_SETS, "--set", "split_digits.n_tasks=2"]
 

@@ -2,8 +2,8 @@ import pytest
 
 from clframe.config import RunConfig, parse_set, resolve_config
 from clframe.errors import ClframeError
-from scenarios.split_digits import SplitDigitsConfig
-from strategies.linear import LinearConfig
+from clframe.scenarios.split_digits import SplitDigitsConfig
+from clframe.strategies.linear import LinearConfig
 
 
 def resolve(sets=(), config_file=None, **cli):

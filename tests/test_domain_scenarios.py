@@ -16,10 +16,10 @@ from PIL import Image
 from clframe.config import RunConfig
 from clframe.errors import ClframeError
 from conftest import clframe_subprocess, tiny_run_options
-from scenarios.avalanche_streams import AvalancheConfig, avalanche_benchmark, benchmark_to_stream, dataset_to_tensors
-from scenarios.core50 import Core50Config, core50
-from scenarios.digits_domains import CorruptedDigitsConfig, RotatedDigitsConfig, corrupted_digits, rotated_digits
-from scenarios.folders import FolderClassesConfig, FolderDomainsConfig, folder_classes, folder_domains
+from clframe.scenarios.avalanche_streams import AvalancheConfig, avalanche_benchmark, benchmark_to_stream, dataset_to_tensors
+from clframe.scenarios.core50 import Core50Config, core50
+from clframe.scenarios.digits_domains import CorruptedDigitsConfig, RotatedDigitsConfig, corrupted_digits, rotated_digits
+from clframe.scenarios.folders import FolderClassesConfig, FolderDomainsConfig, folder_classes, folder_domains
 
 
 def image_keys(images: torch.Tensor) -> set[bytes]:

@@ -18,13 +18,13 @@ from clframe.models import frozen_features
 from clframe.prefix_prompts import split_heads
 from clframe.registry import STRATEGIES
 from conftest import clframe_subprocess, tiny_run_options
-from scenarios.base import CLASS_IL, Experience, Stream
-from scenarios.split_cifar100 import SplitCifar100Config
-from scenarios.split_digits import SplitDigitsConfig
-from strategies.base import Batch, StreamInfo
-from strategies.coda_prompt import CodaPrompt, component_weights, ortho_penalty, orthogonal_rows
-from strategies.dualprompt import DualPrompt
-from strategies.l2p import L2P
+from clframe.scenarios.base import CLASS_IL, Experience, Stream
+from clframe.scenarios.split_cifar100 import SplitCifar100Config
+from clframe.scenarios.split_digits import SplitDigitsConfig
+from clframe.strategies.base import Batch, StreamInfo
+from clframe.strategies.coda_prompt import CodaPrompt, component_weights, ortho_penalty, orthogonal_rows
+from clframe.strategies.dualprompt import DualPrompt
+from clframe.strategies.l2p import L2P
 
 # The tests' tiny ViT with five blocks, so that the references' block layouts (G 0-1, E 2-4; CODA 0-4) fit.
 DEEP_KWARGS = "{patch_size: 8, depth: 5, embed_dim: 32, num_heads: 2, weight_init: moco}"

@@ -7,8 +7,8 @@ from clframe.engine import Engine
 from clframe.fastpath import hold_frozen_in_bf16
 from clframe.runner import build_stream, build_strategy
 from conftest import TINY_MODEL_KWARGS
-from scenarios.split_digits import SplitDigitsConfig
-from strategies.linear import LinearConfig
+from clframe.scenarios.split_digits import SplitDigitsConfig
+from clframe.strategies.linear import LinearConfig
 
 
 def make_engine(sets):
@@ -33,7 +33,7 @@ def test_frozen_bf16_casts_only_frozen_linear_and_conv():
 def test_frozen_bf16_gives_the_same_products_under_autocast():
     plain, fast = make_engine(["amp=bf16", "frozen_bf16=false"]), make_engine(["amp=bf16", "frozen_bf16=true"])
     images = torch.randn(8, 3, 16, 16)
-    from strategies.base import Batch
+    from clframe.strategies.base import Batch
     batch = Batch(images, torch.zeros(8, dtype=torch.long), 0, False)
     with plain.autocast():
         expected = plain.strategy(batch).logits.float()

@@ -13,10 +13,10 @@ from clframe.engine import Engine
 from clframe.errors import ClframeError
 from clframe.prompt_pool import PromptPool, SelectionStats, batch_majority, task_credit
 from conftest import clframe_subprocess, tiny_run_options
-from scenarios.base import CLASS_IL, Experience, Stream
-from scenarios.split_cifar100 import SplitCifar100Config
-from strategies.base import Batch, ForwardOutput, StreamInfo
-from strategies.l2p import L2P, L2PConfig
+from clframe.scenarios.base import CLASS_IL, Experience, Stream
+from clframe.scenarios.split_cifar100 import SplitCifar100Config
+from clframe.strategies.base import Batch, ForwardOutput, StreamInfo
+from clframe.strategies.l2p import L2P, L2PConfig
 
 TINY = dict(patch_size=8, depth=2, embed_dim=32, num_heads=2, weight_init="moco")
 

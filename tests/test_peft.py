@@ -18,9 +18,9 @@ from clframe.engine import Engine
 from clframe.models import frozen_features
 from clframe.registry import STRATEGIES
 from conftest import TINY_MODEL_KWARGS, clframe_subprocess, tiny_run_options
-from scenarios.base import CLASS_IL, DOMAIN_IL, Experience, Stream
-from scenarios.split_digits import DIGIT_NAMES, SplitDigitsConfig, load_digits_uint8
-from strategies.base import Batch, StreamInfo
+from clframe.scenarios.base import CLASS_IL, DOMAIN_IL, Experience, Stream
+from clframe.scenarios.split_digits import DIGIT_NAMES, SplitDigitsConfig, load_digits_uint8
+from clframe.strategies.base import Batch, StreamInfo
 
 REPO = Path(__file__).resolve().parents[1]
 PEFT = ["vpt_shallow", "vpt_deep", "prefix", "adapter", "bitfit", "partial_k", "mlp_k", "side_tuning"]

@@ -1,7 +1,7 @@
 import torch
 
 from clframe.query_cache import FrozenQueryCache
-from strategies.base import Batch
+from clframe.strategies.base import Batch
 
 
 def test_cache_computes_each_eval_slice_once_and_never_caches_training():

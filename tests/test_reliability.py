@@ -203,8 +203,8 @@ def test_nan_loss_stops_at_once_naming_task_and_step(tmp_path, empty_store, caps
 def test_same_seed_same_metrics_in_process(tmp_path, empty_store):
     from clframe.config import resolve_config
     from clframe.runner import run_experiment
-    from scenarios.split_digits import SplitDigitsConfig
-    from strategies.linear import LinearConfig
+    from clframe.scenarios.split_digits import SplitDigitsConfig
+    from clframe.strategies.linear import LinearConfig
 
     def run(seed: int, name: str):
         sets = [f"model_kwargs={TINY_MODEL_KWARGS}", "image_size=16", "epochs=1", "progress=false",
@@ -282,8 +282,8 @@ def test_divergence_watch_finds_the_first_bad_step_on_cpu():
 # ----- bad input: one line, exit code != 0, nothing that looks like a result -----
 def _resolved_default_config():
     from clframe.config import resolve_config
-    from scenarios.split_digits import SplitDigitsConfig
-    from strategies.linear import LinearConfig
+    from clframe.scenarios.split_digits import SplitDigitsConfig
+    from clframe.strategies.linear import LinearConfig
 
     return resolve_config({"scenario": "split_digits", "strategy": "linear"}, None, [], SplitDigitsConfig,
                           LinearConfig)

@@ -6,8 +6,8 @@ import torch
 from clframe.config import RunConfig
 from clframe.errors import ClframeError
 from conftest import write_fake_cifar100
-from scenarios.split_cifar100 import SplitCifar100Config, split_cifar100
-from scenarios.split_digits import SplitDigitsConfig, split_digits
+from clframe.scenarios.split_cifar100 import SplitCifar100Config, split_cifar100
+from clframe.scenarios.split_digits import SplitDigitsConfig, split_digits
 
 
 def test_split_digits_structure():
