@@ -7,22 +7,31 @@ resumed run needs to continue exactly where the uninterrupted one would be:
   from its weights), ``cl_state`` (seen classes, task id) and ``extra_state`` (strategy-defined);
 - ``optimizer_state``: the optimizer of the task just finished. The engine builds a fresh
   optimizer at every task (as the L2P/DualPrompt references do), so a resume does not load it;
-  it is kept so the checkpoint is complete (e.g. to go on training the last task by hand);
+  it is kept so the checkpoint is complete (e.g. to go on training the last task by hand). The
+  checkpoint of the last task drops it (trainable state only) unless ``run.keep_full_checkpoint``:
+  for a ViT-B finetune it is twice the weights, and a finished run resumes no task;
 - ``rng``: torch (CPU and every CUDA device), numpy and Python RNG states, restored on resume.
   The engine also re-seeds at every task from (seed, task), so the draws after a boundary do not
   depend on the RNG history before it; the saved states cover anything a strategy draws outside;
-- ``acc_matrix`` so far, the stream position (``tasks_done``, ``epochs_done``, ``stream``), the
-  resolved config (flattened for comparison, and as YAML so ``--resume RUN`` alone rebuilds it),
-  the MLflow run id and tracking URI.
+- ``acc_matrix`` so far, the stream position (``tasks_done``, ``epochs_done``, ``stream``: the
+  tasks' classes, image counts and a fingerprint of their pixels), the resolved config (flattened
+  for comparison, and as YAML so ``--resume RUN`` alone rebuilds it), the MLflow run id, the
+  absolute tracking URI (so a resume from any folder finds the store) and ``elapsed_s``, the
+  run's wall time so far (a resumed run's ``wall_time_s`` counts the whole run).
+
+There is one copy: the MLflow run gets no copy of it. Beside it, ``.lock`` is held by the process
+driving the run (clframe.runfiles.RunLock).
 
 The file is written to a temporary name in the same folder, fsynced, then renamed over the old
-one, so a crash or a kill at any moment leaves either the previous checkpoint or the new one.
+one, so a crash or a kill at any moment leaves either the previous checkpoint or the new one (a
+temporary file a kill leaves behind is removed by the next run or resume in that checkpoint folder).
 Only tensors and plain Python values go in, so ``torch.load(weights_only=True)`` reads it back
 without unpickling arbitrary objects.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import tempfile
@@ -34,6 +43,7 @@ import numpy as np
 import torch
 
 from clframe.errors import ClframeError
+from clframe.runfiles import is_disk_full, kill_point
 
 FILE_NAME = "last.pt"
 FORMAT_VERSION = 2
@@ -92,9 +102,12 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
             torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        kill_point("checkpoint_written")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, Exception) and is_disk_full(exc):  # torch wraps the OSError in a RuntimeError
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)

@@ -75,7 +75,16 @@ def _resume_base(target: str, options: dict, config_file: str | None, sets: tupl
 @click.option("--gpus", "nproc", type=click.IntRange(min=1), metavar="N",
               help="data-parallel over N processes: launches torchrun --nproc-per-node N with the same arguments "
                    "(one per GPU; with --device cpu, N CPU processes over gloo)")
-def run(scenario, strategies, config_file, sets, resume, no_progress, sweep_file, fail_fast, nproc, **options) -> None:
+@click.option("--parallel", type=click.IntRange(min=1), metavar="N",
+              help="run up to N of a sweep's runs at once on this machine, through Ray (pip install -e .[sweep])")
+@click.option("--ray-address", metavar="ADDR", help="run a sweep's runs on this Ray cluster (default: $RAY_ADDRESS); "
+              "several nodes need an http:// --tracking-uri")
+@click.option("--gpus-per-run", type=click.FloatRange(min=0), metavar="K",
+              help="GPUs for each run of a parallel sweep (default 1 where the cluster has GPUs, 0 with --device cpu)")
+@click.option("--cpus-per-run", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              metavar="C", help="CPUs (and torch threads) for each run of a parallel sweep")
+def run(scenario, strategies, config_file, sets, resume, no_progress, sweep_file, fail_fast, nproc, parallel, ray_address,
+        gpus_per_run, cpus_per_run, **options) -> None:
     """Run one continual-learning experiment and log it to MLflow.
 
     Defaults come from configs/<strategy>.yaml and configs/<scenario>.yaml; then --config,
@@ -91,14 +100,26 @@ def run(scenario, strategies, config_file, sets, resume, no_progress, sweep_file
     if no_progress:
         options["progress"] = False
     if sweep_file or len(strategies) > 1:
+        from clframe.parallel_sweep import RayOptions, run_on_ray
         from clframe.sweep import plan_sweep, run_sweep
 
+        ray_options = RayOptions(parallel, ray_address, gpus_per_run, cpus_per_run)
+        plan = plan_sweep(list(strategies), sweep_file)
+        if ray_options.requested or plan.search:  # several runs at once, or a search: on Ray
+            if distributed.launched() or (nproc or 1) > 1:
+                raise ClframeError("--gpus is for one run; a parallel sweep gives each run --gpus-per-run GPUs")
+            run_on_ray(options, config_file, sets, plan, fail_fast, ray_options, resume, echo=click.echo)
+            return
         if resume:
-            raise ClframeError("--resume continues one run, not a sweep: give one --strategy and no --sweep")
+            raise ClframeError("--resume continues one run, or a sweep run with --parallel N (give its parent run id); "
+                               "a sequential sweep is not resumed: add --parallel 1")
         if distributed.launched() or (nproc or 1) > 1:
             raise ClframeError("a sweep runs on one process; run its runs one by one under torchrun / --gpus")
-        run_sweep(options, config_file, sets, plan_sweep(list(strategies), sweep_file), fail_fast, echo=click.echo)
+        run_sweep(options, config_file, sets, plan, fail_fast, echo=click.echo)
         return
+    if parallel or ray_address:
+        raise ClframeError("--parallel and --ray-address run a sweep's runs at once: give --sweep FILE or several "
+                           "--strategy")
     base = None
     if resume:
         resume, base = _resume_base(resume, options, config_file, sets)
@@ -169,10 +190,27 @@ def compare(runs, experiment, tracking_uri, fmt, plot) -> None:
     RUN is a run id, a unique prefix of one, a run name, or a sweep's parent run (for its
     children); without RUN, every run of the experiment that has results.
     """
-    from clframe.compare import compare_runs
-    from clframe.tracking import resolve_uri
+    from pathlib import Path
 
-    click.echo(compare_runs(resolve_uri(tracking_uri), experiment, list(runs), fmt, plot))
+    from clframe.compare import compare_runs
+    from clframe.runfiles import check_writable_file
+    from clframe.tracking import check_sqlite_intact, refuse_file_store, resolve_uri, store_failure
+
+    uri = resolve_uri(tracking_uri)
+    refuse_file_store(uri)
+    check_sqlite_intact(uri)  # a damaged mlflow.db: one line naming it, not a traceback
+    if plot:
+        if not Path(plot).parent.is_dir():
+            raise ClframeError(f"--plot {plot}: the folder {Path(plot).parent} does not exist; create it or choose another path")
+        check_writable_file(Path(plot), "--plot", "choose a writable path")
+    try:
+        table = compare_runs(uri, experiment, list(runs), fmt, plot)
+    except Exception as exc:
+        failure = store_failure(uri, exc)
+        if failure is None:
+            raise
+        raise failure from None
+    click.echo(table)
     if plot:
         click.echo(f"plot written to {plot}", err=True)
 

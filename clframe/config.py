@@ -8,6 +8,7 @@ one line that lists what is valid. ``flatten()`` of the resolved config is what 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -37,9 +38,10 @@ def yaml_load(text: str) -> Any:
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
-           factory: Any = None) -> Any:
-    """A dataclass field with the metadata the config machinery understands."""
-    meta = {"help": help, "choices": choices, "min": min}
+           factory: Any = None, max: float | None = None, nonempty: bool = False) -> Any:
+    """A dataclass field with the metadata the config machinery understands (``nonempty``: a
+    string that must hold more than blanks)."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "nonempty": nonempty}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -76,14 +78,23 @@ class RunConfig:
                                "products, fewer casts)")
     compile: str = option("auto", "torch.compile the backbone's blocks: auto = on CUDA (+28% L2P train img/s "
                           "on an H100), on, off", choices=("auto", "on", "off"))
-    seed: int = option(0, "seed for class order, initialisation, batches and augmentation")
+    seed: int = option(0, "seed for class order, initialisation, batches and augmentation", min=0, max=2**32 - 1)
     data_root: str = option("./data", "folder holding the data sets (e.g. cifar-100-python/)")
     tracking_uri: str | None = option(None, "MLflow tracking URI; None means sqlite:///mlflow.db here")
-    experiment: str = option("clframe", "MLflow experiment name")
+    experiment: str = option("clframe", "MLflow experiment name", nonempty=True)
     run_name: str | None = option(None, "MLflow run name; None means <strategy>-<scenario>-<time>")
     checkpoint_dir: str = option(".clframe/checkpoints", "where task-boundary checkpoints go")
     joint: bool = option(False, "train on the union of all tasks as one task (upper bound)")
+    eval_classes: str = option("seen", "class-IL evaluation: argmax over the classes seen so far, or over every "
+                               "class of the stream (l2p-pytorch)", choices=("seen", "all"))
+    class_order: str | list[int] = option("seed", "class-IL class order: seed (permutation by --seed), pycil "
+                                          "(PyCIL/PILOT: np.random.seed(1993)), l2p (l2p-pytorch: 0..n-1), a list "
+                                          "[3, 1, ...] or a file holding one")
+    system_metrics: bool = option(True, "log MLflow system metrics (CPU, memory, GPU) every 10 s where psutil "
+                                  "(and pynvml for GPUs) are installed")
     progress: bool = option(True, "show a progress bar per task")
+    keep_full_checkpoint: bool = option(False, "keep the optimizer state in the last task's checkpoint (default: "
+                                        "trainable state only once the run is done; it is the one copy)")
 
 
 def field_help(cls: type) -> dict[str, str]:
@@ -131,9 +142,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ClframeError(f"config key '{key}' wants a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ClframeError(f"config key '{key}' wants a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ClframeError(f"config key '{key}' wants a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ClframeError(f"config key '{key}' wants a string, got {value!r}")
@@ -165,9 +179,15 @@ def _check(instance: Any, section: str) -> None:
         if choices and value not in choices:
             raise ClframeError(f"config key '{section}.{f.name}' must be one of "
                                f"{', '.join(map(str, choices))}; got {value!r}")
-        low = f.metadata.get("min")
+        low, high = f.metadata.get("min"), f.metadata.get("max")
         if low is not None and value is not None and value < low:
             raise ClframeError(f"config key '{section}.{f.name}' must be >= {low}; got {value!r}")
+        if high is not None and value is not None and value > high:
+            raise ClframeError(f"config key '{section}.{f.name}' must be <= {high}; got {value!r}")
+        if f.metadata.get("nonempty") and (value is None or not str(value).strip()):
+            raise ClframeError(f"config key '{section}.{f.name}' must not be empty; got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # a default or a value set in code
+            raise ClframeError(f"config key '{section}.{f.name}' wants a finite number, got {value!r}")
 
 
 def build_section(cls: type, values: dict[str, Any], section: str) -> Any:

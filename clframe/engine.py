@@ -267,7 +267,9 @@ class Engine:
 
     # ----- evaluation -----
     def eval_class_mask(self) -> torch.Tensor | None:
-        if self.stream.kind != CLASS_IL:
+        """Class-IL: the classes seen so far (``eval_classes: seen``); None predicts over every class
+        of the stream (``eval_classes: all``, as l2p-pytorch evaluates) and in domain-IL."""
+        if self.stream.kind != CLASS_IL or self.run.eval_classes == "all":
             return None
         mask = torch.zeros(self.stream.n_classes, dtype=torch.bool, device=self.device)
         mask[self.strategy.seen_classes] = True
@@ -304,10 +306,13 @@ class Engine:
     # ----- the loop -----
     def task_metrics(self, i: int) -> dict[str, float]:
         row = self.state.acc_matrix[i]
+        test_sizes = [len(e.test_labels) for e in self.stream.experiences]  # acc_seen weighs tasks by these
         if self.run.joint:
-            values = {"acc_avg": float(np.nanmean(row)), "forgetting": 0.0, "bwt": 0.0}
+            seen = metrics.weighted_accuracy(row, test_sizes)
+            values = {"acc_avg": float(np.nanmean(row)), "forgetting": 0.0, "bwt": 0.0, "acc_seen": seen,
+                      "acc_inc_avg": seen}
         else:
-            values = metrics.summary(self.state.acc_matrix, i)
+            values = metrics.summary(self.state.acc_matrix, i, test_sizes)
         values.update({f"acc/task_{j}": float(row[j]) for j in range(len(row)) if not np.isnan(row[j])})
         return values
 

@@ -11,9 +11,12 @@ loads the checkpoint on every rank.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import signal
+import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,13 +30,15 @@ from clframe.config import ResolvedConfig, RunConfig
 from clframe.engine import Engine, TrainingDiverged, resolve_device
 from clframe.errors import ClframeError
 from clframe.registry import SCENARIOS, STRATEGIES
-from clframe.tracking import FallbackTracker, NullTracker, check_reachable, git_commit, resolve_uri
+from clframe.runfiles import RunLock, check_writable_dir, is_disk_full, kill_point, remove_orphan_temporaries
+from clframe.tracking import (FallbackTracker, NullTracker, absolute_uri, check_reachable, check_store, git_commit,
+                              refuse_file_store, resolve_uri, store_failure)
 from clframe.scenarios.base import Stream
 from clframe.strategies.base import Strategy, StreamInfo
 
 # Keys that may differ between a run and its resumption (where and how fast it runs, not what it computes).
 RESUME_FREE_KEYS = {"run.progress", "run.tracking_uri", "run.checkpoint_dir", "run.eval_batch_size",
-                    "run.run_name", "run.device", "run.compile", "run.frozen_bf16"}
+                    "run.run_name", "run.device", "run.compile", "run.frozen_bf16", "run.keep_full_checkpoint"}
 
 
 class RunInterrupted(BaseException):
@@ -108,10 +113,18 @@ class RunResult:
 
 
 def build_stream(config: ResolvedConfig) -> Stream:
-    builder = SCENARIOS.get(config.run.scenario).obj
+    """The scenario's stream; every task must have images to train on and to test on."""
+    name = config.run.scenario
+    builder = SCENARIOS.get(name).obj
     stream = builder(config.scenario, config.run)
     if not stream.experiences:
-        raise ClframeError(f"scenario {config.run.scenario} produced no tasks")
+        raise ClframeError(f"scenario {name} produced no tasks")
+    for experience in stream.experiences:
+        for split in ("train", "test"):
+            if not len(getattr(experience, f"{split}_labels")):
+                raise ClframeError(f"scenario {name}: task {experience.task_id + 1}/{stream.n_tasks} has no {split}ing "
+                                   f"images; {'lower' if split == 'train' else 'raise'} {name}.test_fraction if it "
+                                   f"has one, or give each class more images")
     return stream
 
 
@@ -120,7 +133,26 @@ def build_strategy(config: ResolvedConfig, stream: Stream) -> Strategy:
     info = StreamInfo(kind=stream.kind, n_classes=stream.n_classes, class_names=list(stream.class_names),
                       domain_names=stream.domain_names, n_tasks=stream.n_tasks)
     torch.manual_seed(config.run.seed)
-    return strategy_cls(config.strategy, config.run, info)
+    try:
+        return strategy_cls(config.strategy, config.run, info)
+    except ClframeError:
+        raise
+    except Exception as exc:
+        if not _raised_in_timm(exc):
+            raise
+        run = config.run
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise ClframeError(f"model '{run.model}' cannot be built with model_kwargs={run.model_kwargs} and "
+                           f"image_size={run.image_size} ({type(exc).__name__}: {first}); fix run.model_kwargs "
+                           f"or run.image_size") from None
+
+
+def _raised_in_timm(exc: BaseException) -> bool:
+    """Did timm itself refuse the model's settings (an assert on embed_dim, a zero patch size, ...)?"""
+    import os
+
+    marker = f"{os.sep}timm{os.sep}"
+    return any(marker in frame.filename for frame in traceback.extract_tb(exc.__traceback__))
 
 
 def default_run_name(config: ResolvedConfig) -> str:
@@ -137,20 +169,39 @@ TRACKING_SCHEMES = ("file", "sqlite", "http", "https", "postgresql", "mysql", "m
 
 def check_tracking_uri(uri: str) -> None:
     """Refuse, in one line, a tracking URI of a kind MLflow cannot log to (before anything is built)."""
-    if "://" not in uri:
-        return  # a folder path
+    refuse_file_store(uri)
     scheme = uri.split("://", 1)[0].split("+", 1)[0].lower()
     if scheme not in TRACKING_SCHEMES:
         raise ClframeError(f"--tracking-uri {uri}: MLflow cannot log to a '{scheme}://' store; use "
-                           f"http(s)://HOST:PORT (a server), sqlite:///FILE.db or a folder path")
+                           f"http(s)://HOST:PORT (a server) or sqlite:///FILE.db")
+
+
+def stream_fingerprint(stream: Stream) -> str:
+    """A hash of every task's uint8 images and labels (both splits): ~1 s per GB, once per run."""
+    digest = hashlib.blake2b(digest_size=16)
+    for experience in stream.experiences:
+        for tensor in (experience.train_images, experience.train_labels, experience.test_images,
+                       experience.test_labels):
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.contiguous().numpy())
+    return digest.hexdigest()
 
 
 def stream_signature(stream: Stream, config: ResolvedConfig) -> dict:
-    """What a checkpoint records of the stream, to refuse resuming on a stream that changed."""
+    """What a checkpoint records of the stream, to refuse resuming on a stream that changed: the
+    tasks' classes and order, their image counts and a fingerprint of the images themselves."""
     order = stream.info.get("class_order")
     return {"name": stream.name, "n_tasks": stream.n_tasks, "n_train_tasks": 1 if config.run.joint else stream.n_tasks,
             "classes": [list(map(int, e.classes)) for e in stream.experiences],
-            "class_order": list(map(int, order)) if order is not None else None}
+            "class_order": list(map(int, order)) if order is not None else None,
+            "domain_order": list(stream.domain_names) if stream.domain_names else None,
+            "n_images": [[len(e.train_labels), len(e.test_labels)] for e in stream.experiences],
+            "fingerprint": stream_fingerprint(stream)}
+
+
+SIGNATURE_PARTS = {"name": "the scenario", "n_tasks": "the number of tasks", "n_train_tasks": "the tasks trained",
+                   "classes": "the tasks' classes", "class_order": "the class order", "domain_order": "the domain order",
+                   "n_images": "the number of images per task", "fingerprint": "the images themselves"}
 
 
 def load_resume(target: str, config: ResolvedConfig) -> tuple[dict, Path]:
@@ -164,14 +215,20 @@ def load_resume(target: str, config: ResolvedConfig) -> tuple[dict, Path]:
     return saved, path
 
 
-def check_resumable(saved: dict, path: Path, stream: Stream, config: ResolvedConfig) -> None:
-    if saved["stream"] != stream_signature(stream, config):
-        raise ClframeError(f"--resume: the stream {stream.name} builds now (tasks, classes, class order) is not the "
-                           f"one in {path}; was the data or the scenario changed? Start the run again")
-    total = saved["stream"]["n_train_tasks"]
-    if saved["tasks_done"] >= total:
-        raise ClframeError(f"--resume: run {saved['run_id']} already finished all {total} tasks; nothing to resume "
-                           f"(clframe compare {saved['run_id']} shows its results)")
+def check_resumable(saved: dict, path: Path, stream: Stream, signature: dict) -> None:
+    """The stream must be the one the checkpoint was made on (a checkpoint of an older clframe
+    lacks some parts of the signature: those it has are compared)."""
+    changed = [part for part in signature if part in saved["stream"] and saved["stream"][part] != signature[part]]
+    if changed:
+        raise ClframeError(f"--resume: the data of {stream.name} changed since {path} was written "
+                           f"({', '.join(SIGNATURE_PARTS.get(part, part) for part in changed)} differ); resuming would "
+                           f"train the remaining tasks on other data in the same run. Restore the data, or start a "
+                           f"new run")
+
+
+def is_complete(saved: dict) -> bool:
+    """Every task is in the checkpoint: a resume only finishes the run's bookkeeping."""
+    return saved["tasks_done"] >= saved["stream"]["n_train_tasks"]
 
 
 def resume_command(run: RunConfig, path: Path, run_id: str) -> str:
@@ -182,28 +239,90 @@ def resume_command(run: RunConfig, path: Path, run_id: str) -> str:
 
 
 def run_experiment(config: ResolvedConfig, resume: str | Path | None = None, parent_run_id: str | None = None,
-                   echo: Callable[[str], None] = print) -> RunResult:
-    """Run (or, with ``resume``, continue) one experiment; every input is checked before the MLflow run opens."""
+                   echo: Callable[[str], None] = print,
+                   task_end: Callable[[int, dict[str, float]], None] | None = None) -> RunResult:
+    """Run (or, with ``resume``, continue) one experiment; every input is checked before the MLflow run opens.
+
+    ``task_end(i, metrics)`` is called after task ``i``'s checkpoint is written, with that task's metrics
+    (acc_avg, ...): a hyper-parameter search reports them there so a scheduler can stop the run early."""
     with distributed.session(resolve_device(config.run.device)) as device:
-        return _run_experiment(config, device, resume, parent_run_id, echo)
+        return _run_experiment(config, device, resume, parent_run_id, echo, task_end)
 
 
 def _run_experiment(config: ResolvedConfig, device: torch.device, resume: str | Path | None,
-                    parent_run_id: str | None, echo: Callable[[str], None]) -> RunResult:
+                    parent_run_id: str | None, echo: Callable[[str], None],
+                    task_end: Callable[[int, dict[str, float]], None] | None = None) -> RunResult:
+    """Check where the run will write, and lock it, before anything is built; then drive it."""
     run, main = config.run, distributed.is_main()
     uri = resolve_uri(run.tracking_uri)
     saved, resume_path = load_resume(resume, config) if resume else (None, None)
     if saved and str(run.tracking_uri) == saved["config"]["run.tracking_uri"]:
-        uri = saved["tracking_uri"]  # where the run lives now (a local fallback store, if it moved)
+        uri = saved["tracking_uri"]  # where the run lives now (absolute; a local fallback store, if it moved)
     check_tracking_uri(uri)
-    if main:
-        check_reachable(uri)
+    uri = absolute_uri(uri)  # the checkpoint names the store so that a resume finds it from any folder
+    locks: list[RunLock] = []
+    try:
+        if main:
+            check_reachable(uri)
+            check_store(uri, resuming=saved is not None)
+            folder = resume_path.parent if saved else Path(run.checkpoint_dir).expanduser()
+            check_writable_dir(folder, "the checkpoint folder", "pass --set checkpoint_dir=A/WRITABLE/FOLDER")
+            for base in {Path(run.checkpoint_dir).expanduser(), *([resume_path.parent.parent] if saved else [])}:
+                remove_orphan_temporaries(base)  # half-written checkpoints of killed runs
+            if saved:  # one process drives a run: a second is refused before its MLflow run is touched
+                locks.append(RunLock(resume_path.parent).acquire(saved["run_id"]))
+        return _drive(config, device, uri, saved, resume_path, parent_run_id, echo, task_end, locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def run_header(config: ResolvedConfig, stream: Stream, strategy: Strategy, device: torch.device) -> str:
+    """One line saying what runs: the stream and its order, the strategy, the model, device, seed."""
+    run, order = config.run, stream.info.get("class_order")
+    kind = "class-IL" if stream.kind == "class_il" else "domain-IL" if stream.kind == "domain_il" else stream.kind
+    described = f"{stream.name} ({kind}, {stream.n_tasks} tasks"
+    if stream.domain_names:
+        described += f", domain order {' '.join(stream.domain_names)}"
+    if order is not None:
+        described += f", class order {' '.join(map(str, order))}"
+    total = sum(p.numel() for p in strategy.parameters())
+    return (f"{described}) | strategy {run.strategy} | model {run.model} ({total:,} parameters, "
+            f"{strategy.count_trainable():,} trainable) | device {device} | seed {run.seed}")
+
+
+def stream_params(stream: Stream, signature: dict) -> dict[str, str]:
+    """The stream's order and fingerprint as MLflow params (what the run trained on, in which order)."""
+    params = {"stream.fingerprint": signature["fingerprint"],
+              "stream.n_images": str(signature["n_images"])}
+    if signature["class_order"] is not None:
+        params["stream.class_order"] = " ".join(map(str, signature["class_order"]))
+    if signature["domain_order"]:
+        params["stream.domain_order"] = " ".join(signature["domain_order"])
+    return params
+
+
+def warn_untrained(config: ResolvedConfig, stream: Stream) -> None:
+    run = config.run
+    if stream.name.startswith("folder_") and not run.pretrained and not run.weights and run.epochs <= 1:
+        print(f"warning: {stream.name} on a randomly initialised {run.model} with {run.epochs} epoch per task "
+              f"learns little; pass --pretrained (or --weights FILE) or more --epochs", file=sys.stderr, flush=True)
+
+
+def _drive(config: ResolvedConfig, device: torch.device, uri: str, saved: dict | None, resume_path: Path | None,
+           parent_run_id: str | None, echo: Callable[[str], None],
+           task_end: Callable[[int, dict[str, float]], None] | None, locks: list[RunLock]) -> RunResult:
+    run, main = config.run, distributed.is_main()
     stream = build_stream(config)
     strategy = build_strategy(config, stream)
+    signature = stream_signature(stream, config)
     if saved:
-        check_resumable(saved, resume_path, stream, config)
+        check_resumable(saved, resume_path, stream, signature)
+    complete = saved is not None and is_complete(saved)
     tracker = FallbackTracker(uri, run.experiment) if main else NullTracker(uri)
-    params = dict(config.flatten(), n_trainable_params=strategy.count_trainable(), n_tasks=stream.n_tasks)
+    params = dict(config.flatten(), n_trainable_params=strategy.count_trainable(), n_tasks=stream.n_tasks,
+                  **strategy.extra_params(tuple(stream.experiences[0].train_images.shape[1:])),
+                  **stream_params(stream, signature))
     tags = {"scenario": run.scenario, "strategy": run.strategy, "model": run.model, "device": str(device),
             "clframe_version": clframe.__version__, "scenario_kind": stream.kind}
     if distributed.world() > 1:
@@ -212,79 +331,128 @@ def _run_experiment(config: ResolvedConfig, device: torch.device, resume: str | 
     if commit:
         tags["git_commit"] = commit
     guard = InterruptGuard()
+    clock = [time.perf_counter()]  # when the run began, less the time it ran before a resume
+    written = [int(saved["tasks_done"]) if saved else 0]  # the tasks in the checkpoint on disk
 
     def on_task_end(i: int, engine: Engine) -> None:
         if not main:  # rank 0 writes the checkpoint and the artifacts
             return
         with guard.deferred():  # a task boundary is written whole, or not at all
+            last_task = engine.state.tasks_done == len(engine.train_experiences)
+            keep_optimizer = engine.optimizer is not None and (run.keep_full_checkpoint or not last_task)
             payload = {"version": checkpoint.FORMAT_VERSION, "clframe_version": clframe.__version__,
-                       "run_id": tracker.run_id, "tracking_uri": tracker.uri,
+                       "run_id": tracker.run_id, "tracking_uri": absolute_uri(tracker.uri),
                        "config": {k: str(v) for k, v in config.flatten().items()}, "config_yaml": config.to_yaml(),
-                       "stream": stream_signature(stream, config),
+                       "stream": signature, "elapsed_s": time.perf_counter() - clock[0],
                        "tasks_done": engine.state.tasks_done, "epochs_done": engine.state.epochs_done,
                        "acc_matrix": torch.from_numpy(engine.state.acc_matrix.copy()),
                        "strategy_state": engine.strategy.trainable_state(), "cl_state": engine.strategy.cl_state(),
                        "extra_state": engine.strategy.extra_state(),
-                       "optimizer_state": engine.optimizer.state_dict() if engine.optimizer is not None else None,
+                       "optimizer_state": engine.optimizer.state_dict() if keep_optimizer else None,
                        "rng": checkpoint.rng_state()}
             checkpoint.save_atomic(payload, ckpt_path)
+            written[0] = engine.state.tasks_done
             tracker.log_text(metrics.matrix_csv(engine.state.acc_matrix, i + 1), "acc_matrix.csv")
             tracker.log_heatmap(engine.state.acc_matrix, i + 1)
             for name, text in engine.last_report.artifacts.items():
                 tracker.log_text(text, f"task_{i}/{name}")
+        kill_point(f"after_task_{i + 1}")
+        if task_end is not None:
+            task_end(i, engine.task_metrics(i))
 
     engine, ckpt_path = None, None
     with guard:
         try:
             try:
-                run_id = tracker.start(run.run_name or default_run_name(config), tags, params,
-                                       run_id=saved["run_id"] if saved else None, parent_run_id=parent_run_id)
-                if distributed.world() > 1:  # every rank names the run (and its checkpoint) as rank 0 does
-                    run_id = distributed.broadcast(run_id if main else None)
-                    if not main:
-                        tracker.run_id = run_id
+                with guard.deferred():  # a signal now waits until the run exists, then marks it KILLED
+                    run_id = tracker.start(run.run_name or default_run_name(config), tags, params,
+                                           run_id=saved["run_id"] if saved else None, parent_run_id=parent_run_id,
+                                           complete=complete)
+                    if distributed.world() > 1:  # every rank names the run (and its checkpoint) as rank 0 does
+                        run_id = distributed.broadcast(run_id if main else None)
+                        if not main:
+                            tracker.run_id = run_id
             except Exception as exc:
                 if saved and not isinstance(exc, ClframeError):
                     raise ClframeError(f"--resume: cannot reopen MLflow run {saved['run_id']} at {uri} "
                                        f"({type(exc).__name__}); pass the --tracking-uri it was logged to") from None
                 raise
-            ckpt_path = checkpoint.checkpoint_path(run.checkpoint_dir, run_id)
+            # A resumed run goes on writing where it was resumed from: one checkpoint, wherever it lives.
+            ckpt_path = resume_path if saved else checkpoint.checkpoint_path(run.checkpoint_dir, run_id)
+            if main and not saved:
+                locks.append(RunLock(ckpt_path.parent).acquire(run_id))
             engine = Engine(config, stream, strategy, device, tracker.log_metrics, on_task_end)
+            if main:
+                echo(f"{run_header(config, stream, strategy, device)} | MLflow run {run_id}")
+                warn_untrained(config, stream)
             if saved:
                 restore(engine, saved, resume_path)
                 tracker.set_tags({"clframe.resumed_after_task": str(engine.state.tasks_done)})
-                if main:
-                    echo(f"resuming run {run_id} after task {engine.state.tasks_done}/{len(engine.train_experiences)} "
-                         f"from {resume_path}")
+                total = len(engine.train_experiences)
+                if main and complete:
+                    echo(f"run {run_id} had trained all {total} tasks when it stopped; finishing it from {resume_path}")
+                elif main:
+                    echo(f"resuming run {run_id} after task {engine.state.tasks_done}/{total} from {resume_path}")
             else:
                 tracker.log_text(config.to_yaml(), "config.yaml")
-            start = time.perf_counter()
+            clock[0] = time.perf_counter() - float(saved.get("elapsed_s", 0.0) if saved else 0.0)
             acc_matrix = engine.run_all()
-            wall_s = time.perf_counter() - start
+            kill_point("before_end")
             last = engine.state.tasks_done - 1
             summary = engine.task_metrics(last)
+            if complete:  # stopped after its last checkpoint: write again what may not have been written
+                tracker.log_text(metrics.matrix_csv(acc_matrix, last + 1), "acc_matrix.csv")
+                tracker.log_heatmap(acc_matrix, last + 1)
+            wall_s = time.perf_counter() - clock[0]
             tracker.log_metrics({"wall_time_s": wall_s}, last)
-            tracker.log_file(ckpt_path, "checkpoints")
         except (KeyboardInterrupt, RunInterrupted) as exc:
             guard.fired = True
             tracker.end("KILLED")
             signal_name = str(exc) if isinstance(exc, RunInterrupted) else "SIGINT"
             raise RunKilled(_stopped(f"interrupted by {signal_name}", "KILLED", engine, stream, run, tracker,
-                                     ckpt_path, resume_path, hint=True), signal_name) from None
+                                     ckpt_path, resume_path, hint=True, done=written[0]), signal_name) from None
         except BaseException as exc:
             guard.fired = True
-            message = str(exc) if isinstance(exc, ClframeError) else f"{type(exc).__name__}: {exc}"
-            with contextlib.suppress(Exception):
-                tracker.set_tags({"clframe.error": message[:5000]})
-            tracker.end("FAILED")
+            unwritable = _write_failure(exc, tracker.uri)
+            message = str(exc) if isinstance(exc, ClframeError) else unwritable[0] if unwritable else \
+                f"{type(exc).__name__}: {exc}"
+            status = "FAILED"
+            try:
+                with contextlib.suppress(Exception):
+                    tracker.set_tags({"clframe.error": message[:5000]})
+                tracker.end("FAILED")
+            except Exception:  # noqa: BLE001 - the store itself cannot be written (a full disk)
+                if unwritable is None:
+                    raise
+                status = None
             if isinstance(exc, TrainingDiverged):
-                raise TrainingDiverged(_stopped(str(exc), "FAILED", engine, stream, run, tracker, ckpt_path,
-                                                resume_path, hint=False)) from None
+                raise TrainingDiverged(_stopped(str(exc), status, engine, stream, run, tracker, ckpt_path,
+                                                resume_path, hint=False, done=written[0])) from None
+            if unwritable is not None:
+                what, fix = unwritable
+                raise ClframeError(_stopped(what, status, engine, stream, run, tracker, ckpt_path, resume_path,
+                                            hint=True, done=written[0], fix=fix)) from None
             raise
         guard.fired = True  # every task is done: a signal now does not undo that
         tracker.end("FINISHED")
     return RunResult(tracker.run_id, acc_matrix, summary, wall_s, engine.timer.rate("train"),
                      engine.timer.rate("eval"), ckpt_path, tracker.uri)
+
+
+def _write_failure(exc: BaseException, uri: str | None) -> tuple[str, str] | None:
+    """(what happened, what to do before resuming) when the run stopped because a file or the store
+    could not be written; None for anything else."""
+    if isinstance(exc, ClframeError):
+        return None
+    if is_disk_full(exc):
+        where = f" writing {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
+        return f"the disk is full{where}", "free some space, then "
+    damaged = store_failure(uri, exc) if uri else None
+    if damaged is not None:
+        return str(damaged), ""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"cannot write {exc.filename or 'a file'} ({exc.strerror})", "make it writable, then "
+    return None
 
 
 def restore(engine: Engine, saved: dict, path: Path) -> None:
@@ -301,21 +469,26 @@ def restore(engine: Engine, saved: dict, path: Path) -> None:
     checkpoint.restore_rng(saved["rng"])
 
 
-def _stopped(what: str, status: str, engine: Engine | None, stream: Stream, run: RunConfig, tracker,
-             ckpt_path: Path | None, resume_path: Path | None, hint: bool) -> str:
-    """One line: what stopped the run, where its finished tasks are, and how to go on."""
+def _stopped(what: str, status: str | None, engine: Engine | None, stream: Stream, run: RunConfig, tracker,
+             ckpt_path: Path | None, resume_path: Path | None, hint: bool, done: int = 0, fix: str = "") -> str:
+    """One line: what stopped the run, where its finished tasks are (``done``: the tasks in the
+    checkpoint on disk), and how to go on (``fix``: what to do before resuming)."""
     total = len(engine.train_experiences) if engine is not None else (1 if run.joint else stream.n_tasks)
-    done = engine.state.tasks_done if engine is not None else 0
     if hint:  # a divergence message already names its task and step
         what += f" during task {done + 1}/{total}" if done < total else " after the last task"
     kept_at = ckpt_path if ckpt_path is not None and ckpt_path.is_file() else resume_path
     if done and kept_at is not None:
         kept = f"the checkpoint after task {done}/{total} is kept at {kept_at}"
         if hint:
-            kept += f"; resume with: {resume_command(run, kept_at, tracker.run_id)}"
+            kept += f"; {fix}resume with: {resume_command(run, kept_at, tracker.run_id)}"
     else:
         kept = "no task had finished, so there is no checkpoint to resume from"
-    marked = f"MLflow run {tracker.run_id} marked {status}" if tracker.run_id else "no MLflow run was opened"
+    if not tracker.run_id:
+        marked = "no MLflow run was opened"
+    elif status is None:  # the store could not be written either
+        marked = f"MLflow run {tracker.run_id} could not be marked FAILED (its store cannot be written), a resume closes it"
+    else:
+        marked = f"MLflow run {tracker.run_id} marked {status}"
     return f"{what}; {marked}; {kept}"
 
 

@@ -40,7 +40,7 @@ from clframe.config import ResolvedConfig, load_yaml, resolve_config
 from clframe.errors import ClframeError
 from clframe.tracking import FallbackTracker, git_commit, resolve_uri
 
-FILE_KEYS = {"name", "fail_fast", "runs", "grid"}
+FILE_KEYS = {"name", "fail_fast", "runs", "grid", "search"}
 ENTRY_KEYS = {"strategy", "scenario", "config", "set"}
 
 
@@ -60,6 +60,7 @@ class SweepPlan:
     children: list[Child]
     name: str | None = None
     fail_fast: bool = False
+    search: dict | None = None  # a search: block (clframe.search); the one runs: entry is its base config
 
 
 def _as_sets(value: Any, where: str) -> list[str]:
@@ -109,9 +110,9 @@ def plan_sweep(strategies: list[str], sweep_file: str | None = None) -> SweepPla
     if sweep_file:
         data = load_yaml(sweep_file, "sweep file")
         unknown = set(data) - FILE_KEYS
-        if unknown or not ({"runs", "grid"} & set(data)):
-            raise ClframeError(f"sweep file {sweep_file}: keys are {', '.join(sorted(FILE_KEYS))} (runs: and/or "
-                               f"grid: required){'; unknown: ' + ', '.join(sorted(unknown)) if unknown else ''}")
+        if unknown or not ({"runs", "grid", "search"} & set(data)):
+            raise ClframeError(f"sweep file {sweep_file}: keys are {', '.join(sorted(FILE_KEYS))} (runs:, grid: or "
+                               f"search: required){'; unknown: ' + ', '.join(sorted(unknown)) if unknown else ''}")
         base = Path(sweep_file).parent
         runs = data.get("runs", [{}])
         if not isinstance(runs, list) or not runs:
@@ -120,7 +121,7 @@ def plan_sweep(strategies: list[str], sweep_file: str | None = None) -> SweepPla
         points = _grid(data["grid"], f"sweep file {sweep_file}") if "grid" in data else [Child()]
         plan = SweepPlan([Child(point.strategy or entry.strategy, point.scenario or entry.scenario, entry.config,
                                 entry.sets + point.sets) for entry in entries for point in points],
-                         data.get("name"), bool(data.get("fail_fast", False)))
+                         data.get("name"), bool(data.get("fail_fast", False)), data.get("search"))
     plan.children = [dataclasses.replace(child, strategy=child.strategy or strategy)
                      for child in plan.children
                      for strategy in ([child.strategy] if child.strategy else strategies)]
@@ -158,18 +159,27 @@ def _record_failure(parent: FallbackTracker, config: ResolvedConfig, name: str, 
     tracker.end("FAILED")
 
 
-def run_sweep(options: dict, config_file: str | None, sets: list[str], plan: SweepPlan, fail_fast: bool = False,
-              echo: Callable[[str], None] = print) -> str:
-    """Run the plan's children in turn under one parent run; returns the parent's run id."""
-    from clframe.compare import compare_runs
-    from clframe.runner import RunInterrupted, _raise_interrupt, format_result, run_experiment
-
-    fail_fast = fail_fast or plan.fail_fast
+def resolve_children(options: dict, config_file: str | None, sets: list[str], plan: SweepPlan) -> list[ResolvedConfig]:
+    """Every child's config (the command line's options and --set, then the child's own), before any work."""
     configs = []
     for child in plan.children:
         child_options = dict(options, strategy=child.strategy, scenario=child.scenario or options["scenario"],
                              run_name=None)
         configs.append(_resolve(child_options, child.config or config_file, list(sets) + child.sets))
+    return configs
+
+
+def run_sweep(options: dict, config_file: str | None, sets: list[str], plan: SweepPlan, fail_fast: bool = False,
+              echo: Callable[[str], None] = print, execution: Any = None, resume_parent: str | None = None) -> str:
+    """Run the plan's children in turn under one parent run; returns the parent's run id.
+
+    ``execution`` (clframe.parallel_sweep) runs the children instead, several at once on Ray;
+    ``resume_parent`` reopens that parent run, whose execution then runs only what did not finish."""
+    from clframe.compare import compare_runs
+    from clframe.runner import RunInterrupted, _raise_interrupt, format_result, run_experiment
+
+    fail_fast = fail_fast or plan.fail_fast
+    configs = resolve_children(options, config_file, sets, plan)
     first = configs[0].run
     if any((c.run.tracking_uri, c.run.experiment) != (first.tracking_uri, first.experiment) for c in configs):
         raise ClframeError("every run of a sweep must log to the same --tracking-uri and --experiment")
@@ -181,7 +191,7 @@ def run_sweep(options: dict, config_file: str | None, sets: list[str], plan: Swe
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit
-    parent.start(name, tags, {"sweep_size": len(configs), "fail_fast": fail_fast})
+    parent.start(name, tags, {"sweep_size": len(configs), "fail_fast": fail_fast}, run_id=resume_parent)
     parent.log_text(yaml.safe_dump({"children": [dataclasses.asdict(c) for c in plan.children]}, sort_keys=False),
                     "sweep.yaml")
     echo(f"sweep '{name}': {len(configs)} runs under parent run {parent.run_id}")
@@ -190,7 +200,9 @@ def run_sweep(options: dict, config_file: str | None, sets: list[str], plan: Swe
     used_names: set[str] = set()
     status, started = "FINISHED", 0
     try:
-        for k, (child, config) in enumerate(zip(plan.children, configs), start=1):
+        if execution is not None:  # Ray runs the children, several at once (clframe.parallel_sweep)
+            started = execution.run_children(parent, plan.children, configs, fail_fast, failures, echo)
+        for k, (child, config) in enumerate(zip(plan.children, configs) if execution is None else (), start=1):
             started = k
             run_name = base_name = f"{config.run.strategy}-{config.run.scenario}-{time.strftime('%m%d-%H%M%S')}"
             while run_name in used_names:  # unique within the sweep, so a failure can be found by name

@@ -1,29 +1,159 @@
-"""MLflow tracking in the layout of DESIGN.md: one run per ``clframe run``, params = the
-flattened resolved config, metrics at ``step = task index``, artifacts for the config, the
-accuracy matrix (CSV + heatmap) and the trainable state.
+"""MLflow tracking: one run per ``clframe run``, params = the flattened resolved config (and the
+stream's order), metrics at ``step = task index``, artifacts for the config and the accuracy
+matrix (CSV + heatmap). The task-boundary checkpoint is not copied into the run (one copy, in
+``checkpoint_dir``).
+
+Stores: sqlite files (the default ``sqlite:///mlflow.db``; several runs may start at once in a new
+folder: the tables are made under a lock) and http(s) servers. Folder ("file") stores are refused:
+MLflow 3 keeps them in maintenance mode. A damaged or unwritable sqlite file is refused in one line
+before a run opens.
 
 mlflow is imported inside the tracker (it is slow to import and absent on some GPU hosts).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from clframe.errors import ClframeError
+from clframe.runfiles import check_writable_dir, check_writable_file, folder_lock, kill_point
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 FALLBACK_DB = "mlflow-fallback.db"
+SQLITE_PREFIX = "sqlite:///"
+# What sqlite says about a damaged file, and about a store another process holds a moment too long.
+DAMAGED = ("file is not a database", "database disk image is malformed", "file is encrypted")
+BUSY = ("database is locked", "database table is locked")
 
 
 def resolve_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+# ----- local stores: where they are, whether they can be used -----
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///FILE`` URI (relative to the working directory), else None."""
+    if not uri.startswith(SQLITE_PREFIX):
+        return None
+    name = uri[len(SQLITE_PREFIX):].split("?", 1)[0]
+    return Path(name) if name and name != ":memory:" else None
+
+
+def absolute_uri(uri: str) -> str:
+    """The URI with a sqlite file made absolute, so a checkpoint names the store from any folder."""
+    path = sqlite_file(uri)
+    if path is None:
+        return uri
+    query = uri.split("?", 1)[1] if "?" in uri else None
+    return f"{SQLITE_PREFIX}{path.expanduser().absolute()}" + (f"?{query}" if query else "")
+
+
+def refuse_file_store(uri: str) -> None:
+    """MLflow 3 refuses folder ("file") stores unless told otherwise, and they get no fixes: say so in one line."""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ("file" if uri.lower().startswith("file:") else "")
+    if "://" in uri and scheme != "file":
+        return
+    stem = Path(uri.split(":", 1)[1] if scheme == "file" else uri).name or "mlflow"
+    raise ClframeError(f"tracking URI {uri}: folder (file) stores are not supported (MLflow 3 keeps them in "
+                       f"maintenance mode); use --tracking-uri sqlite:///{stem.removesuffix('.db')}.db (one file) or "
+                       f"an http(s):// MLflow server; 'mlflow migrate-filestore' moves an existing folder's runs")
+
+
+def damaged_store(path: Path, why: str) -> ClframeError:
+    return ClframeError(f"the MLflow store {path.absolute()} is damaged ({why}); move it aside "
+                        f"(mv {path} {path}.damaged) to start a new store there, restore it from a backup, or "
+                        f"pass --tracking-uri sqlite:///OTHER.db")
+
+
+def check_sqlite_intact(uri: str) -> None:
+    """Refuse, in one line, a sqlite store that is not a database or was cut short (cheap: the
+    header and the schema are read, not the whole file)."""
+    path = sqlite_file(uri)
+    if path is None or not path.is_file() or path.stat().st_size == 0:
+        return
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        header = handle.read(100)
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+        raise damaged_store(path, "not an SQLite database")
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    header_size_valid = header[24:28] == header[92:96]  # the in-header size is current (no WAL pending)
+    if header_size_valid and not Path(f"{path}-wal").exists() and size < pages * page_size:
+        raise damaged_store(path, f"cut short: {size} of its {pages * page_size} bytes")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path.absolute()}?mode=ro", uri=True, timeout=30)) as db:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.DatabaseError as exc:
+        if any(text in str(exc) for text in DAMAGED):
+            raise damaged_store(path, str(exc)) from None
+        raise
+
+
+def check_store(uri: str, resuming: bool = False) -> None:
+    """Before a run opens: the store is of a kind clframe can log to, and a sqlite store's file
+    and folder are writable and intact. A resumed run's sqlite store must still exist (else a new
+    empty store would be made and the run's earlier tasks would be nowhere)."""
+    refuse_file_store(uri)
+    path = sqlite_file(uri)
+    if path is None:
+        return
+    fix = "pass --tracking-uri sqlite:///WRITABLE/PATH.db, or run from a writable folder"
+    if resuming and not path.is_file():
+        raise ClframeError(f"--resume: the MLflow store {path.absolute()} that holds this run is gone; put it back "
+                           f"(or pass --tracking-uri to where it moved) and resume again")
+    check_writable_file(path.absolute(), "the MLflow store", fix)
+    check_sqlite_intact(uri)
+
+
+@contextlib.contextmanager
+def quiet_store_setup() -> Iterator[None]:
+    """MLflow logs its table creation ('Creating initial MLflow database tables...') at INFO on
+    stderr; a new store is no news to a user."""
+    loggers = [logging.getLogger(name) for name in ("mlflow.store.db.utils", "alembic")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def store_failure(uri: str, exc: BaseException) -> ClframeError | None:
+    """The one-line error for a store that is damaged or unwritable, or None for anything else."""
+    text = str(exc)
+    path = sqlite_file(uri)
+    if path is not None and any(damage in text for damage in DAMAGED):
+        return damaged_store(path, next(damage for damage in DAMAGED if damage in text))
+    if path is not None and ("readonly database" in text or "unable to open database" in text):
+        return ClframeError(f"the MLflow store {path.absolute()} cannot be written ({text.splitlines()[0][:120]}); "
+                            f"pass --tracking-uri sqlite:///WRITABLE/PATH.db")
+    return None
+
+
+def retry_busy(call: Callable[[], Any], attempts: int = 8, also: tuple[str, ...] = ()) -> Any:
+    """Run ``call``, retrying while sqlite says another process holds the store (parallel runs),
+    or on the messages in ``also``."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - MlflowException or SQLAlchemy's OperationalError
+            if attempt == attempts - 1 or not any(text in str(exc) for text in BUSY + also):
+                raise
+            time.sleep(0.05 * 2 ** attempt)
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -60,28 +190,53 @@ class MlflowTracker:
         self._client = None
 
     def start(self, run_name: str, tags: dict[str, str], params: dict[str, Any],
-              run_id: str | None = None, parent_run_id: str | None = None) -> str:
-        """Create the run (or reopen ``run_id`` to resume) and log tags and params."""
+              run_id: str | None = None, parent_run_id: str | None = None, complete: bool = False) -> str:
+        """Create the run (or reopen ``run_id`` to resume) and log tags and params. ``complete``: the
+        resumed run's checkpoint holds every task; refused only if the run is already FINISHED."""
         check_reachable(self.uri)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         from mlflow.tracking import MlflowClient
 
-        self._client = MlflowClient(tracking_uri=self.uri)
-        if run_id is not None:
-            self._client.update_run(run_id, status="RUNNING")
-            self.run_id = run_id
-            return run_id
-        experiment_id = self._experiment_id()
+        database = sqlite_file(self.uri)
+        # Two runs starting at once in a new folder would both create the store's tables: one at a time.
+        lock = folder_lock(database.absolute().parent) if database is not None else contextlib.nullcontext()
+        try:
+            with lock, quiet_store_setup():
+                # 'already exists': another program made the tables meanwhile, without this lock
+                self._client = retry_busy(lambda: MlflowClient(tracking_uri=self.uri), also=("already exists",))
+                if run_id is not None:
+                    previous = retry_busy(lambda: self._client.get_run(run_id)).info.status
+                    if complete and previous == "FINISHED":
+                        raise ClframeError(f"--resume: run {run_id} already finished all its tasks; nothing to "
+                                           f"resume (clframe compare {run_id} shows its results)")
+                    retry_busy(lambda: self._client.update_run(run_id, status="RUNNING"))
+                    self.run_id = run_id
+                    return run_id
+                experiment_id = retry_busy(self._experiment_id)
+        except Exception as exc:
+            failure = store_failure(self.uri, exc)
+            if failure is None:
+                raise
+            raise failure from None
         all_tags = dict(tags)
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self._client.create_run(experiment_id, tags=all_tags, run_name=run_name)
+        run = retry_busy(lambda: self._client.create_run(experiment_id, tags=all_tags, run_name=run_name))
         self.run_id = run.info.run_id
+        kill_point("run_creating")
         self.log_params(params)
         return self.run_id
 
     def _experiment_id(self) -> str:
+        """The experiment's id (created if new), once its local artifact folder is known to be writable."""
         experiment = self._client.get_experiment_by_name(self.experiment)
+        location = experiment.artifact_location if experiment is not None else None
+        if location is None and sqlite_file(self.uri) is not None:
+            location = str(Path.cwd() / "mlruns")  # MLflow's default artifact root for a new experiment
+        if location and (location.startswith("file:") or "://" not in location):
+            check_writable_dir(Path(location.removeprefix("file://").removeprefix("file:")),
+                               f"the artifact folder of MLflow experiment '{self.experiment}'",
+                               "run from a writable folder, or use another --experiment")
         if experiment is not None:
             return experiment.experiment_id
         try:
@@ -97,7 +252,7 @@ class MlflowTracker:
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):
-            self._client.log_batch(self.run_id, params=items[start:start + 100])
+            retry_busy(lambda: self._client.log_batch(self.run_id, params=items[start:start + 100]))
 
     def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
         from mlflow.entities import Metric
@@ -105,11 +260,11 @@ class MlflowTracker:
         now = timestamp_ms or int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
         for start in range(0, len(items), 500):
-            self._client.log_batch(self.run_id, metrics=items[start:start + 500])
+            retry_busy(lambda: self._client.log_batch(self.run_id, metrics=items[start:start + 500]))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
-            self._client.set_tag(self.run_id, key, value)
+            retry_busy(lambda: self._client.set_tag(self.run_id, key, value))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._client.log_text(self.run_id, text, artifact_file)
@@ -143,7 +298,7 @@ class MlflowTracker:
 
     def end(self, status: str = "FINISHED") -> None:
         if self._client is not None and self.run_id is not None:
-            self._client.set_terminated(self.run_id, status=status)
+            retry_busy(lambda: self._client.set_terminated(self.run_id, status=status))
             self._client = None
 
 
@@ -199,15 +354,28 @@ class FallbackTracker:
         return self.active._client
 
     def start(self, run_name: str, tags: dict[str, str], params: dict[str, Any],
-              run_id: str | None = None, parent_run_id: str | None = None) -> str:
+              run_id: str | None = None, parent_run_id: str | None = None, complete: bool = False) -> str:
         try:
-            started = self.primary.start(run_name, tags, params, run_id=run_id, parent_run_id=parent_run_id)
+            started = self.primary.start(run_name, tags, params, run_id=run_id, parent_run_id=parent_run_id,
+                                         complete=complete)
         except Exception as exc:
-            if isinstance(exc, ClframeError) or not self._server_gone():
+            if self.primary.run_id is not None and run_id is None:  # created, then failed: not left RUNNING
+                with contextlib.suppress(Exception):
+                    self.primary.end("FAILED")
+            if isinstance(exc, ClframeError):
                 raise
-            raise ClframeError(f"MLflow tracking server {self.primary.uri} stopped answering as the run started "
-                               f"({type(exc).__name__}); start it again, or leave --tracking-uri out to log to "
-                               f"{DEFAULT_TRACKING_URI} here") from None
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            if run_id is not None:
+                raise ClframeError(f"--resume: cannot reopen MLflow run {run_id} at {self.primary.uri} "
+                                   f"({type(exc).__name__}: {first}); pass the --tracking-uri it was logged to") from None
+            if self._server_gone():
+                raise ClframeError(f"MLflow tracking server {self.primary.uri} stopped answering as the run started "
+                                   f"({type(exc).__name__}); start it again, or leave --tracking-uri out to log to "
+                                   f"{DEFAULT_TRACKING_URI} here") from None
+            if self.primary.uri.startswith(("http://", "https://")):
+                raise ClframeError(f"{self.primary.uri} answers /health but not as an MLflow tracking server "
+                                   f"({type(exc).__name__}: {first}); check --tracking-uri") from None
+            raise ClframeError(f"cannot open an MLflow run in {self.primary.uri} ({type(exc).__name__}: {first})") from None
         self._start = (run_name, dict(tags), dict(params), parent_run_id, run_id)
         self._open[started] = self
         return started
@@ -322,7 +490,7 @@ class NullTracker:
         self.fell_back = False
 
     def start(self, run_name: str, tags: dict[str, str], params: dict[str, Any], run_id: str | None = None,
-              parent_run_id: str | None = None) -> str | None:
+              parent_run_id: str | None = None, complete: bool = False) -> str | None:
         return run_id
 
     def __getattr__(self, name: str):  # log_metrics, log_text, log_file, log_heatmap, set_tags, end, ...

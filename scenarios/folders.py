@@ -6,7 +6,9 @@
   ``classes_per_task`` classes in an order fixed by the seed (class-IL).
 
 Class names are the folder names. Every image is read once with PIL, converted to RGB,
-centre-cropped to a square and resized to ``image_size``, then held as uint8. Each class (per
+centre-cropped to a square and resized to ``image_size``, then held as uint8. Images of more than
+8 bits (PIL modes ``I;16``, ``I``, ``F``), which PIL's own conversion would saturate to white or
+black, are rescaled to 8 bits first (see ``to_8bit``). Each class (per
 domain) is split into train and test by the seed. Hidden entries and files whose extension is not
 an image's are skipped; an empty folder or an unreadable image is an error naming it.
 """
@@ -72,13 +74,37 @@ def image_files(folder: Path) -> list[Path]:
     return found
 
 
+def to_8bit(array: np.ndarray, mode: str, path: Path) -> np.ndarray:
+    """A grey image of more than 8 bits as uint8, by a documented rule (never by saturation):
+
+    - ``I;16*`` (16-bit files): the type's range, 0..65535 -> 0..255;
+    - ``I`` (32-bit integers; PIL also opens some 16-bit files so): 0..65535 when every value lies
+      there, else the image's own min..max;
+    - ``F`` (floats): 0..1 when every value lies there, else the image's own min..max.
+
+    A constant image outside those ranges becomes black; NaN or infinite pixels are refused."""
+    values = array.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise ClframeError(f"image {path} (PIL mode {mode}) holds NaN or infinite pixels; fix or remove it")
+    low, high = float(values.min()), float(values.max())
+    if mode.startswith("I;16") or (mode == "I" and low >= 0 and high <= 65535):
+        low, high = 0.0, 65535.0
+    elif mode == "F" and low >= 0 and high <= 1:
+        low, high = 0.0, 1.0
+    scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return np.round(scaled).clip(0, 255).astype(np.uint8)
+
+
 def read_image(path: Path, size: int) -> np.ndarray:
     """One file as uint8 [3, size, size]: RGB, centre-cropped to a square, resized."""
     from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as image:
-            rgb = ImageOps.exif_transpose(image).convert("RGB")
+            image = ImageOps.exif_transpose(image)
+            if image.mode.startswith("I") or image.mode == "F":  # more than 8 bits: convert would saturate
+                image = Image.fromarray(to_8bit(np.asarray(image), image.mode, path))  # uint8: mode L
+            rgb = image.convert("RGB")
             rgb = ImageOps.fit(rgb, (size, size), Image.Resampling.BILINEAR)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ClframeError(f"cannot read image {path} ({type(exc).__name__}: {str(exc)[:80]}); fix or "
@@ -132,6 +158,12 @@ def folder_domains(cfg: FolderDomainsConfig, run: RunConfig) -> Stream:
     if cfg.shuffle_domains:
         names = [names[i] for i in np.random.RandomState(run.seed).permutation(len(names))]
     per_domain = {d: {p.name: p for p in subfolders(available[d], layout)} for d in names}
+    for domain in names:  # domain-IL learns one label space across domains: each must share it
+        others = set().union(*(per_domain[d] for d in names if d != domain))
+        if len(names) > 1 and not others & set(per_domain[domain]):
+            raise ClframeError(f"folder_domains: domain {domain} shares no class with the other domains "
+                               f"({', '.join(sorted(per_domain[domain]))} vs {', '.join(sorted(others))}); domain-IL "
+                               f"needs the same class folders in every domain (for disjoint classes use folder_classes)")
     class_names = sorted(set().union(*per_domain.values()))
     class_ids = {name: i for i, name in enumerate(class_names)}
     rng = np.random.RandomState(run.seed)
@@ -158,7 +190,7 @@ def folder_classes(cfg: FolderClassesConfig, run: RunConfig) -> Stream:
                            f"{f' of {cfg.classes_per_task} classes' if cfg.classes_per_task else ' of equal size'}; "
                            f"set folder_classes.n_tasks / classes_per_task")
     all_names = sorted(folders)
-    chosen = [all_names[i] for i in class_order(len(all_names), run.seed, cfg.shuffle_classes)]
+    chosen = [all_names[i] for i in class_order(len(all_names), run.seed, cfg.shuffle_classes, run.class_order)]
     chosen = chosen[:per_task * cfg.n_tasks]
     class_names = sorted(chosen)  # ids follow the names; the task order is `order` below
     class_ids = {name: i for i, name in enumerate(class_names)}

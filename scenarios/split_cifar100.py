@@ -122,6 +122,6 @@ def load_cifar100(root: Path, download: bool) -> tuple[torch.Tensor, torch.Tenso
 def split_cifar100(cfg: SplitCifar100Config, run: RunConfig) -> Stream:
     """Class-IL: CIFAR-100 in 10 tasks x 10 classes, order by seed (--data-root/cifar-100-python)."""
     train_x, train_y, test_x, test_y, names = load_cifar100(Path(run.data_root).expanduser(), cfg.download)
-    order = class_order(100, run.seed, cfg.shuffle_classes)
+    order = class_order(100, run.seed, cfg.shuffle_classes, run.class_order)
     experiences = split_by_classes(train_x, train_y, test_x, test_y, order, cfg.n_tasks)
     return Stream("split_cifar100", CLASS_IL, names, experiences, info={"class_order": order})

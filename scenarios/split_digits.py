@@ -44,7 +44,8 @@ def stratified_split(labels: torch.Tensor, test_fraction: float, seed: int) -> t
         n_test = max(1, int(round(len(idx) * test_fraction)))
         test_idx.extend(idx[:n_test])
         train_idx.extend(idx[n_test:])
-    return torch.tensor(sorted(train_idx)), torch.tensor(sorted(test_idx))
+    # dtype given: an empty split (everything held out) must still index, so the run can say so in one line
+    return torch.tensor(sorted(train_idx), dtype=torch.long), torch.tensor(sorted(test_idx), dtype=torch.long)
 
 
 @register_scenario("split_digits", config=SplitDigitsConfig)
@@ -52,7 +53,7 @@ def split_digits(cfg: SplitDigitsConfig, run: RunConfig) -> Stream:
     """Class-IL, offline: scikit-learn's bundled digits, 5 tasks x 2 classes (no download)."""
     images, labels = load_digits_uint8()
     train_idx, test_idx = stratified_split(labels, cfg.test_fraction, run.seed)
-    order = class_order(10, run.seed, cfg.shuffle_classes)
+    order = class_order(10, run.seed, cfg.shuffle_classes, run.class_order)
     experiences = split_by_classes(images[train_idx], labels[train_idx], images[test_idx],
                                    labels[test_idx], order, cfg.n_tasks)
     return Stream("split_digits", CLASS_IL, list(DIGIT_NAMES), experiences, info={"class_order": order})

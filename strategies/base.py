@@ -42,6 +42,8 @@ Hooks and what they may change:
 - ``configure_optimizer(params, lr)``: override for per-group learning rates.
 - ``input_spec()``: image size and normalisation (default: the timm backbone's).
 - ``task_report()``: ``TaskReport(metrics, artifacts)`` logged at the task step.
+- ``extra_params(image_shape)``: MLflow params the strategy adds when the run opens (e.g. a rehearsal
+  buffer's size and bytes); ``image_shape`` is the stream's stored uint8 image shape [3, H, W].
 - ``extra_state()`` / ``load_extra_state()``: non-parameter state a checkpoint must keep.
 
 Read-only continual-learning state: ``seen_classes``, ``current_classes``, ``task_id``.
@@ -251,6 +253,9 @@ class Strategy(nn.Module, abc.ABC):
 
     def task_report(self) -> TaskReport:
         return TaskReport()
+
+    def extra_params(self, image_shape: tuple[int, ...]) -> dict[str, Any]:
+        return {}
 
     def extra_state(self) -> dict[str, Any]:
         return {}
