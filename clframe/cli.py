@@ -63,6 +63,8 @@ def _resume_base(target: str, options: dict, config_file: str | None, sets: tupl
 @click.option("--lr", type=float, help=HELP["lr"])
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help=HELP["device"])
 @click.option("--seed", type=int, help=HELP["seed"])
+@click.option("--seeds", metavar="0,1,2", help="run once per seed, as child runs of one parent run that logs their "
+              "per-task mean and std (with several --strategy: every strategy x seed)")
 @click.option("--data-root", help=HELP["data_root"])
 @click.option("--tracking-uri", help=HELP["tracking_uri"])
 @click.option("--experiment", help=HELP["experiment"])
@@ -84,7 +86,7 @@ def _resume_base(target: str, options: dict, config_file: str | None, sets: tupl
 @click.option("--cpus-per-run", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               metavar="C", help="CPUs (and torch threads) for each run of a parallel sweep")
 def run(scenario, strategies, config_file, sets, resume, no_progress, sweep_file, fail_fast, nproc, parallel, ray_address,
-        gpus_per_run, cpus_per_run, **options) -> None:
+        gpus_per_run, cpus_per_run, seeds, **options) -> None:
     """Run one continual-learning experiment and log it to MLflow.
 
     Defaults come from configs/<strategy>.yaml and configs/<scenario>.yaml; then --config,
@@ -99,12 +101,14 @@ def run(scenario, strategies, config_file, sets, resume, no_progress, sweep_file
     options = dict(options, scenario=scenario, strategy=strategies[0])
     if no_progress:
         options["progress"] = False
-    if sweep_file or len(strategies) > 1:
+    if sweep_file or len(strategies) > 1 or seeds:
         from clframe.parallel_sweep import RayOptions, run_on_ray
-        from clframe.sweep import plan_sweep, run_sweep
+        from clframe.sweep import parse_seeds, plan_sweep, run_sweep
 
         ray_options = RayOptions(parallel, ray_address, gpus_per_run, cpus_per_run)
-        plan = plan_sweep(list(strategies), sweep_file)
+        plan = plan_sweep(list(strategies), sweep_file, parse_seeds(seeds, "--seeds") if seeds else None)
+        if plan.seeds and options.get("seed") is not None:
+            raise ClframeError("--seed and --seeds (or seeds: in the sweep file) both choose the seed; keep one")
         if ray_options.requested or plan.search:  # several runs at once, or a search: on Ray
             if distributed.launched() or (nproc or 1) > 1:
                 raise ClframeError("--gpus is for one run; a parallel sweep gives each run --gpus-per-run GPUs")

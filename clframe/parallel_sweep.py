@@ -154,7 +154,8 @@ def mlflow_server(store_uri: str, echo: Callable[[str], None]) -> Iterator[str]:
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store_uri,
                "--default-artifact-root", str(Path.cwd() / "mlruns"), "--no-serve-artifacts",
                "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--workers", "1"]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no job-runner processes
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + SERVER_START_S
         while not healthy(url):

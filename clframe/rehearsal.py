@@ -208,6 +208,12 @@ class RehearsalBuffer:
             return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
         return self.images[:self.size], self.labels[:self.size]
 
+    def groups(self) -> set[tuple[int, int]]:
+        """The (class, task) pairs held (herding budgets are per group)."""
+        if not self.size:
+            return set()
+        return set(zip(self.labels[:self.size].tolist(), self.tasks[:self.size].tolist()))
+
     def histogram(self, n_classes: int) -> list[int]:
         """Images held per class (one host read)."""
         if not self.size:

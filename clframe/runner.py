@@ -33,7 +33,7 @@ from clframe.registry import SCENARIOS, STRATEGIES
 from clframe.runfiles import RunLock, check_writable_dir, is_disk_full, kill_point, remove_orphan_temporaries
 from clframe.tracking import (FallbackTracker, NullTracker, absolute_uri, check_reachable, check_store, git_commit,
                               refuse_file_store, resolve_uri, store_failure)
-from clframe.scenarios.base import Stream
+from clframe.scenarios.base import Stream, check_class_order, class_order_record
 from clframe.strategies.base import Strategy, StreamInfo
 
 # Keys that may differ between a run and its resumption (where and how fast it runs, not what it computes).
@@ -314,12 +314,13 @@ def _drive(config: ResolvedConfig, device: torch.device, uri: str, saved: dict |
            task_end: Callable[[int, dict[str, float]], None] | None, locks: list[RunLock]) -> RunResult:
     run, main = config.run, distributed.is_main()
     stream = build_stream(config)
+    check_class_order(stream, run)
     strategy = build_strategy(config, stream)
     signature = stream_signature(stream, config)
     if saved:
         check_resumable(saved, resume_path, stream, signature)
     complete = saved is not None and is_complete(saved)
-    tracker = FallbackTracker(uri, run.experiment) if main else NullTracker(uri)
+    tracker = FallbackTracker(uri, run.experiment, system_metrics=run.system_metrics) if main else NullTracker(uri)
     params = dict(config.flatten(), n_trainable_params=strategy.count_trainable(), n_tasks=stream.n_tasks,
                   **strategy.extra_params(tuple(stream.experiences[0].train_images.shape[1:])),
                   **stream_params(stream, signature))
@@ -395,6 +396,8 @@ def _drive(config: ResolvedConfig, device: torch.device, uri: str, saved: dict |
                     echo(f"resuming run {run_id} after task {engine.state.tasks_done}/{total} from {resume_path}")
             else:
                 tracker.log_text(config.to_yaml(), "config.yaml")
+                if class_order_record(stream, run) is not None:  # the order, with class names and tasks
+                    tracker.log_text(class_order_record(stream, run), "class_order.json")
             clock[0] = time.perf_counter() - float(saved.get("elapsed_s", 0.0) if saved else 0.0)
             acc_matrix = engine.run_all()
             kill_point("before_end")

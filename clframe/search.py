@@ -123,15 +123,24 @@ def search_trial(params: dict, base: ResolvedConfig, parent_run_id: str, uri: st
     import torch
     from ray import tune
 
-    from clframe.runner import run_experiment
+    from clframe.runner import RunInterrupted, RunKilled, run_experiment
 
     enter_driver_folder(folder)
     torch.set_num_threads(threads)
     config = apply_params(base, params)
     name = f"{prefix}-{tune.get_context().get_trial_id()}"
     config.run = dataclasses.replace(config.run, run_name=name, tracking_uri=uri, progress=False)
-    run_experiment(config, parent_run_id=parent_run_id, echo=lambda text: None,
-                   task_end=lambda i, values: tune.report(dict(values, tasks_done=i + 1)))
+
+    def report(i: int, values: dict[str, float]) -> None:
+        try:
+            tune.report(dict(values, tasks_done=i + 1))
+        except SystemExit:  # Tune stops this trial (its scheduler decided so): the run ends KILLED
+            raise RunInterrupted("stopped by the search's scheduler") from None
+
+    try:
+        run_experiment(config, parent_run_id=parent_run_id, echo=lambda text: None, task_end=report)
+    except RunKilled:
+        raise SystemExit(0) from None  # how a Tune function ends when told to stop
 
 
 class RaySearch:
@@ -211,7 +220,6 @@ class RaySearch:
             echo(f"resuming search {parent.run_id}: {done} of {search.trials} trials done, {remaining} to run")
         if remaining <= 0:
             return len(configs)
-        os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
         os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C reaches the sweep, which marks the runs
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         from clframe.parallel_sweep import alive_nodes, check_resources, device_for, gpus_for_each_run
@@ -233,7 +241,10 @@ class RaySearch:
 
         search = self.search
         if search.algorithm == "optuna":
+            import optuna
             from ray.tune.search.optuna import OptunaSearch
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
 
             algorithm = OptunaSearch(seed=search.seed, points_to_evaluate=points or None,
                                      evaluated_rewards=rewards or None)
@@ -253,7 +264,7 @@ class RaySearch:
             trainable, param_space=tune_space(self.space),
             tune_config=tune.TuneConfig(metric=search.metric, mode=search.mode, num_samples=trials,
                                         search_alg=algorithm, scheduler=scheduler,
-                                        max_concurrent_trials=self.options.parallel),
+                                        max_concurrent_trials=self.options.parallel, reuse_actors=True),
             run_config=tune.RunConfig(name=prefix, storage_path=storage, verbose=0,
                                       callbacks=[_echo_callback(echo, prefix, search.metric)],
                                       failure_config=tune.FailureConfig(fail_fast=fail_fast)))
@@ -286,10 +297,11 @@ class RaySearch:
                     if run.info.status == "RUNNING":
                         client.set_terminated(run.info.run_id, status="FAILED")
                 continue
-            tasks = (result.metrics or {}).get("tasks_done", 0)
-            if not (result.metrics or {}).get("done") and run is not None and run.info.status == "RUNNING":
+            if run is not None and run.info.status in ("RUNNING", "KILLED"):  # stopped by the scheduler
+                tasks = (result.metrics or {}).get("tasks_done", "?")
                 client.set_tag(run.info.run_id, "clframe.stopped_early", f"by {self.search.scheduler} after task {tasks}")
-                client.set_terminated(run.info.run_id, status="KILLED")
+                if run.info.status == "RUNNING":
+                    client.set_terminated(run.info.run_id, status="KILLED")
                 continue
             value = (result.metrics or {}).get(self.search.metric)
             if run is not None and run.info.status == "FINISHED" and value is not None:
@@ -336,10 +348,9 @@ def _echo_callback(echo: Callable[[str], None], prefix: str, metric: str):
     class TrialLines(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
             last = trial.last_result or {}
-            state = "finished" if last.get("done") else f"stopped after task {last.get('tasks_done', 0)}"
             value = last.get(metric)
-            echo(f"trial {prefix}-{trial.trial_id} {state}: {metric} "
-                 f"{value:.2f}" if value is not None else f"trial {prefix}-{trial.trial_id} {state}")
+            echo(f"trial {prefix}-{trial.trial_id} ended after task {last.get('tasks_done', 0)}"
+                 + (f": {metric} {value:.2f}" if value is not None else ""))
 
         def on_trial_error(self, iteration, trials, trial, **info):
             echo(f"trial {prefix}-{trial.trial_id} FAILED")

@@ -10,11 +10,18 @@
       - strategy: finetune
         set: {lr: 0.001, epochs: 2}
     grid:                          # and/or every combination of these values (keys as for --set,
-      seed: [0, 1]                 #   plus strategy and scenario); crossed with each runs: entry
+      lr: [0.01, 0.001]            #   plus strategy and scenario); crossed with each runs: entry
+    seeds: [0, 1, 2]               # every child once per seed (or --seeds 0,1,2, which wins)
 
 The command line's options and ``--set`` apply to every child, a child's own ``set`` on top. A
 child that names no strategy gets each ``--strategy`` of the command line in turn. Every child's
-config is resolved before the first one starts, so a typo stops the sweep before any work.
+config is resolved before the first one starts, so a typo stops the sweep before any work, and
+every field of the file is checked for its type (``fail_fast: no`` is false; a ``name`` must be a
+string). ``clframe run --seeds 0,1,2`` alone is a sweep of one config over three seeds.
+
+Aggregates: when the children are done, the parent run logs their per-task means and standard
+deviations over seeds (``clframe.runsets.log_group_curves``) at step = task, so the MLflow UI shows
+a sweep's results on its parent row and charts without expanding it.
 
 Failure policy: a failing child is recorded FAILED (a child that failed before its run opened gets
 a FAILED run holding only its config), with the message in the tag ``clframe.error``, and the
@@ -27,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -36,11 +44,11 @@ from typing import Any, Callable
 import yaml
 
 import clframe
-from clframe.config import ResolvedConfig, load_yaml, resolve_config
+from clframe.config import ResolvedConfig, _coerce, load_yaml, resolve_config
 from clframe.errors import ClframeError
 from clframe.tracking import FallbackTracker, git_commit, resolve_uri
 
-FILE_KEYS = {"name", "fail_fast", "runs", "grid", "search"}
+FILE_KEYS = {"name", "fail_fast", "runs", "grid", "search", "seeds"}
 ENTRY_KEYS = {"strategy", "scenario", "config", "set"}
 
 
@@ -50,6 +58,7 @@ class Child:
     scenario: str | None = None
     config: str | None = None
     sets: list[str] = field(default_factory=list)
+    seed: int | None = None  # set by seeds: / --seeds (its --set is in sets)
 
     def label(self) -> str:
         return " ".join([self.strategy or "", self.scenario or ""] + self.sets).strip()
@@ -61,6 +70,7 @@ class SweepPlan:
     name: str | None = None
     fail_fast: bool = False
     search: dict | None = None  # a search: block (clframe.search); the one runs: entry is its base config
+    seeds: list[int] | None = None  # seeds: / --seeds: every child runs once per seed
 
 
 def _as_sets(value: Any, where: str) -> list[str]:
@@ -77,6 +87,9 @@ def _as_sets(value: Any, where: str) -> list[str]:
 def _entry(raw: Any, where: str, base: Path) -> Child:
     if not isinstance(raw, dict) or not set(raw) <= ENTRY_KEYS:
         raise ClframeError(f"{where} must be a mapping with keys among {', '.join(sorted(ENTRY_KEYS))}; got {raw!r}")
+    for key in ("strategy", "scenario", "config"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise ClframeError(f"{where}: '{key}' must be a string; got {raw[key]!r}")
     config = raw.get("config")
     if config is not None:
         config = str(base / config) if (base / config).exists() else str(config)
@@ -104,8 +117,38 @@ def _grid(raw: Any, where: str) -> list[Child]:
     return points
 
 
-def plan_sweep(strategies: list[str], sweep_file: str | None = None) -> SweepPlan:
-    """Expand the command line's strategies and the sweep file into the list of children."""
+def parse_seeds(value: Any, where: str) -> list[int]:
+    """Seeds as a list [0, 1, 2] or a string "0,1,2": distinct integers >= 0."""
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    seeds = [_coerce(item.strip() if isinstance(item, str) else item, int, where) for item in items]
+    if not seeds or any(seed < 0 or seed > 2**32 - 1 for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise ClframeError(f"{where}: give distinct seeds between 0 and 2**32-1, like 0,1,2; got {value!r}")
+    return seeds
+
+
+def _file_fields(data: dict, sweep_file: str) -> tuple[str | None, bool, list[int] | None]:
+    """The sweep file's scalar fields, typed as config keys are (``fail_fast: no`` is false)."""
+    name = data.get("name")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise ClframeError(f"sweep file {sweep_file}: 'name' must be a non-empty string (quote it); got {name!r}")
+    fail_fast = _coerce(data.get("fail_fast", False), bool, f"fail_fast in sweep file {sweep_file}")
+    seeds = parse_seeds(data["seeds"], f"sweep file {sweep_file}, seeds") if "seeds" in data else None
+    return name, fail_fast, seeds
+
+
+def _with_seeds(children: list[Child], seeds: list[int]) -> list[Child]:
+    """Each child once per seed (seeds vary fastest, so a group's seeds run one after another)."""
+    for child in children:
+        if any(re.match(r"(run\.)?seed=", item) for item in child.sets):
+            raise ClframeError(f"the seed of '{child.label()}' is set twice: by seeds (--seeds) and by its set:/grid:; "
+                               f"keep one")
+    return [dataclasses.replace(child, sets=child.sets + [f"seed={seed}"], seed=seed)
+            for child in children for seed in seeds]
+
+
+def plan_sweep(strategies: list[str], sweep_file: str | None = None, seeds: list[int] | None = None) -> SweepPlan:
+    """Expand the command line's strategies, the sweep file and the seeds (``seeds`` from --seeds
+    wins over the file's) into the list of children."""
     plan = SweepPlan([Child()])
     if sweep_file:
         data = load_yaml(sweep_file, "sweep file")
@@ -113,6 +156,8 @@ def plan_sweep(strategies: list[str], sweep_file: str | None = None) -> SweepPla
         if unknown or not ({"runs", "grid", "search"} & set(data)):
             raise ClframeError(f"sweep file {sweep_file}: keys are {', '.join(sorted(FILE_KEYS))} (runs:, grid: or "
                                f"search: required){'; unknown: ' + ', '.join(sorted(unknown)) if unknown else ''}")
+        name, file_fail_fast, file_seeds = _file_fields(data, sweep_file)
+        seeds = seeds or file_seeds
         base = Path(sweep_file).parent
         runs = data.get("runs", [{}])
         if not isinstance(runs, list) or not runs:
@@ -121,10 +166,12 @@ def plan_sweep(strategies: list[str], sweep_file: str | None = None) -> SweepPla
         points = _grid(data["grid"], f"sweep file {sweep_file}") if "grid" in data else [Child()]
         plan = SweepPlan([Child(point.strategy or entry.strategy, point.scenario or entry.scenario, entry.config,
                                 entry.sets + point.sets) for entry in entries for point in points],
-                         data.get("name"), bool(data.get("fail_fast", False)), data.get("search"))
+                         name, file_fail_fast, data.get("search"))
     plan.children = [dataclasses.replace(child, strategy=child.strategy or strategy)
                      for child in plan.children
                      for strategy in ([child.strategy] if child.strategy else strategies)]
+    if seeds:
+        plan.children, plan.seeds = _with_seeds(plan.children, seeds), list(seeds)
     return plan
 
 
@@ -159,6 +206,17 @@ def _record_failure(parent: FallbackTracker, config: ResolvedConfig, name: str, 
     tracker.end("FAILED")
 
 
+def _log_aggregates(parent: FallbackTracker, echo: Callable[[str], None]) -> None:
+    """The parent logs its finished children's per-task mean and std (see clframe.runsets)."""
+    from clframe.runsets import log_group_curves
+
+    try:
+        experiment = parent.client.get_experiment_by_name(parent.experiment)
+        log_group_curves(parent, experiment.experiment_id)
+    except Exception as exc:  # noqa: BLE001 - the children's results are safe; only the summary is missing
+        echo(f"warning: the sweep's parent run could not log its aggregated metrics ({type(exc).__name__}: {exc})")
+
+
 def resolve_children(options: dict, config_file: str | None, sets: list[str], plan: SweepPlan) -> list[ResolvedConfig]:
     """Every child's config (the command line's options and --set, then the child's own), before any work."""
     configs = []
@@ -188,6 +246,8 @@ def run_sweep(options: dict, config_file: str | None, sets: list[str], plan: Swe
     tags = {"clframe.sweep": "parent", "clframe_version": clframe.__version__, "sweep_size": str(len(configs)),
             "strategy": ",".join(dict.fromkeys(c.run.strategy for c in configs)),
             "scenario": ",".join(dict.fromkeys(c.run.scenario for c in configs))}
+    if plan.seeds:
+        tags["clframe.seeds"] = ",".join(map(str, plan.seeds))
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit
@@ -238,10 +298,11 @@ def run_sweep(options: dict, config_file: str | None, sets: list[str], plan: Swe
     finally:
         signal.signal(signal.SIGTERM, previous)
         status = "FAILED" if failures and status == "FINISHED" else status
+        _log_aggregates(parent, echo)
         parent.end(status)
     echo(f"\nsweep '{name}' ({parent.run_id} at {parent.uri}):")
     try:
-        echo(compare_runs(parent.uri, first.experiment, [parent.run_id]))
+        echo(compare_runs(parent.uri, first.experiment, [parent.run_id], group_by=["strategy"] if plan.seeds else None))
     except ClframeError as exc:  # e.g. no child has results yet
         echo(str(exc))
     if failures:

@@ -29,6 +29,11 @@ from clframe.errors import ClframeError
 from clframe.runfiles import check_writable_dir, check_writable_file, folder_lock, kill_point
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# The MLflow UI (3.x) reads this experiment tag to choose between its GenAI pages (traces) and the
+# machine-learning ones (runs, charts); its values are in the UI's ExperimentKind enum
+# (mlflow/server/js: "genai_development", "custom_model_development", ...).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 FALLBACK_DB = "mlflow-fallback.db"
 SQLITE_PREFIX = "sqlite:///"
 # What sqlite says about a damaged file, and about a store another process holds a moment too long.
@@ -188,6 +193,7 @@ class MlflowTracker:
         self.experiment = experiment
         self.run_id: str | None = None
         self._client = None
+        self._system_monitor = None  # mlflow's SystemMetricsMonitor while watch_system is on
 
     def start(self, run_name: str, tags: dict[str, str], params: dict[str, Any],
               run_id: str | None = None, parent_run_id: str | None = None, complete: bool = False) -> str:
@@ -238,9 +244,11 @@ class MlflowTracker:
                                f"the artifact folder of MLflow experiment '{self.experiment}'",
                                "run from a writable folder, or use another --experiment")
         if experiment is not None:
+            if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older clframe: tag it now
+                self._client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return experiment.experiment_id
         try:
-            return self._client.create_experiment(self.experiment)
+            return self._client.create_experiment(self.experiment, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except Exception:  # noqa: BLE001 - another run created it meanwhile (two runs started at once)
             experiment = self._client.get_experiment_by_name(self.experiment)
             if experiment is None:
@@ -296,7 +304,25 @@ class MlflowTracker:
             plt.close(fig)
             self.log_file(path)
 
+    def watch_system(self, resumed: bool) -> None:
+        """Log MLflow's system metrics (``system/*``: CPU, memory, disk, network; GPU with pynvml)
+        for this run from a background thread, every 10 s, until ``end``; silently nothing without
+        psutil."""
+        import importlib.util
+
+        if importlib.util.find_spec("psutil") is None or self.run_id is None:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no INFO lines on stderr
+        self._system_monitor = SystemMetricsMonitor(self.run_id, resume_logging=resumed, tracking_uri=self.uri)
+        self._system_monitor.start()
+
     def end(self, status: str = "FINISHED") -> None:
+        monitor, self._system_monitor = self._system_monitor, None
+        if monitor is not None:
+            with contextlib.suppress(Exception):  # the run's status matters more than its last sample
+                monitor.finish()
         if self._client is not None and self.run_id is not None:
             retry_busy(lambda: self._client.set_terminated(self.run_id, status=status))
             self._client = None
@@ -329,8 +355,9 @@ class FallbackTracker:
 
     _open: dict[str, "FallbackTracker"] = {}  # run id on the server -> tracker, for sweeps
 
-    def __init__(self, uri: str | None, experiment: str, notify=_warn) -> None:
+    def __init__(self, uri: str | None, experiment: str, notify=_warn, system_metrics: bool = False) -> None:
         self.primary = MlflowTracker(uri, experiment)
+        self.system_metrics = system_metrics  # run.system_metrics: MLflow's system/* metrics for this run
         self.active = self.primary
         self.experiment = experiment
         self.notify = notify
@@ -378,6 +405,11 @@ class FallbackTracker:
             raise ClframeError(f"cannot open an MLflow run in {self.primary.uri} ({type(exc).__name__}: {first})") from None
         self._start = (run_name, dict(tags), dict(params), parent_run_id, run_id)
         self._open[started] = self
+        if self.system_metrics:
+            try:
+                self.primary.watch_system(resumed=run_id is not None)
+            except Exception as exc:  # noqa: BLE001 - monitoring must never stop a run
+                self.notify(f"system metrics are off for this run ({type(exc).__name__}: {exc})")
         return started
 
     def _call(self, method: str, *args) -> None:

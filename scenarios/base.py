@@ -147,9 +147,10 @@ def class_order_record(stream: "Stream", run) -> str | None:
     if order is None:
         return None
     order = [int(c) for c in order]
-    return json.dumps({"class_order": run.class_order, "seed": run.seed, "order": order,
-                       "names": [stream.class_names[c] for c in order],
-                       "tasks": [list(map(int, e.classes)) for e in stream.experiences]}, indent=1)
+    record = {"class_order": run.class_order, "seed": run.seed, "order": order,
+              "names": [stream.class_names[c] for c in order],
+              "tasks": [list(map(int, e.classes)) for e in stream.experiences]}
+    return "{\n" + ",\n".join(f" {json.dumps(key)}: {json.dumps(value)}" for key, value in record.items()) + "\n}\n"
 
 
 def split_by_classes(images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tensor,

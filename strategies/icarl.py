@@ -97,9 +97,8 @@ class ICaRL(RehearsalStrategy):
         self.eval()
         buffer, task = self.buffer, experience.task_id
         labels = experience.train_labels.to(task_images.device)
-        groups = {(int(c), int(t)) for c, t in zip(buffer.labels[:buffer.size].tolist(), buffer.tasks[:buffer.size].tolist())}
         new = sorted(set(labels.tolist()))
-        m = buffer.capacity // max(len(groups) + len(new), 1)
+        m = buffer.capacity // (len(buffer.groups()) + len(new))
         if buffer.size:
             buffer.keep(torch.nonzero(buffer.ranks[:buffer.size] < m).flatten())
         features = self.normalised_features(task_images, labels)

@@ -203,7 +203,7 @@ def test_offline_run_logs_metrics_to_mlflow(tracking, name, scenario, sets, trai
         kept = client.get_metric_history(run.info.run_id, "dapl/pseudo_kept")
         assert [(m.step, m.value) for m in kept] == [(1, 100.0)]  # threshold 0 keeps every pseudo-label
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "acc_matrix.csv", "checkpoints"} <= artifacts
+    assert {"config.yaml", "acc_matrix.csv"} <= artifacts
 
 
 # ----- clear errors -----

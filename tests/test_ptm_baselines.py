@@ -164,8 +164,15 @@ def test_aper_adapts_during_task_0_only():
 
 
 # ----- every strategy, end to end -----
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """One MLflow store for both scenarios (creating a sqlite store takes seconds)."""
+    return tmp_path_factory.mktemp("ptm_mlflow")
+
+
 @pytest.mark.parametrize("scenario", ["split_digits", "rotated_digits"])
-def test_every_strategy_runs_with_its_defaults_and_logs_to_mlflow(scenario, tmp_path):
+def test_every_strategy_runs_with_its_defaults_and_logs_to_mlflow(scenario, store):
+    tmp_path = store
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     for name in PTM:
         result = runner.run_experiment(resolve(name, scenario, tmp=tmp_path), echo=lambda line: None)
@@ -180,7 +187,7 @@ def test_every_strategy_runs_with_its_defaults_and_logs_to_mlflow(scenario, tmp_
 
 def metrics_of(client: MlflowClient, tmp_path: Path, strategy: str) -> dict:
     runs = client.search_runs([client.get_experiment_by_name("clframe").experiment_id],
-                              f"tags.strategy = '{strategy}'")
+                              f"tags.strategy = '{strategy}'", order_by=["start_time DESC"])
     return runs[0].data.metrics
 
 
