@@ -27,7 +27,11 @@ def _resolve(options: dict, config_file: str | None, sets: tuple[str, ...], base
 
     scenario = SCENARIOS.get(options["scenario"])
     strategy = STRATEGIES.get(options["strategy"])
-    return resolve_config(options, config_file, list(sets), scenario.config_cls, strategy.config_cls, base)
+    config = resolve_config(options, config_file, list(sets), scenario.config_cls, strategy.config_cls, base)
+    if os.environ.get("RANK", "0") == "0":
+        for note in config.notes:  # e.g. a module:Class subclass taking its built-in's configs/<name>.yaml
+            click.echo(note, err=True)
+    return config
 
 
 def _resume_base(target: str, options: dict, config_file: str | None, sets: tuple[str, ...]) -> tuple[str, dict]:
@@ -162,37 +166,114 @@ def _launch_torchrun(nproc: int) -> None:
 
 
 @cli.command(name="list")
-def list_components() -> None:
-    """List scenarios, strategies and built-in config files."""
-    from clframe.registry import SCENARIOS, STRATEGIES
+@click.argument("name", required=False)
+@click.option("--scenario", help="with a strategy NAME: resolve its config on this scenario (default: split_digits)")
+@click.option("--strategy", help="with a scenario NAME: resolve its config with this strategy (default: linear)")
+def list_components(name, scenario, strategy) -> None:
+    """List scenarios, strategies (with the stream kinds each serves) and built-in config files;
+    with NAME (a strategy or scenario), every config key with its value, where that value comes
+    from, and its help."""
+    from clframe.registry import SCENARIOS, STRATEGIES, strategy_traits
+
+    if name:
+        click.echo(describe_config(name, scenario, strategy))
+        return
 
     def first_line(obj) -> str:
         return ((obj.__doc__ or "").strip().splitlines() or [""])[0]
 
     click.echo("scenarios:")
-    for name in SCENARIOS.names():
-        entry = SCENARIOS.get(name) if not name.endswith(":") else SCENARIOS._entries[name]
-        click.echo(f"  {name + ('<Name>' if name.endswith(':') else ''):24s} {first_line(entry.obj)}")
-    click.echo("strategies:")
-    for name in STRATEGIES.names():
-        click.echo(f"  {name:24s} {first_line(STRATEGIES.get(name).obj)}")
+    for entry_name in SCENARIOS.names():
+        entry = SCENARIOS.get(entry_name) if not entry_name.endswith(":") else SCENARIOS._entries[entry_name]
+        click.echo(f"  {entry_name + ('<Name>' if entry_name.endswith(':') else ''):24s} {first_line(entry.obj)}")
+    click.echo("strategies (the stream kinds each serves; clframe list NAME shows its config):")
+    for entry_name in STRATEGIES.names():
+        kinds = "+".join(KIND_SHORT.get(k, k) for k in strategy_traits(entry_name)[0])
+        click.echo(f"  {entry_name:14s} {kinds:18s} {first_line(STRATEGIES.get(entry_name).obj)}")
     click.echo("configs (configs/*.yaml):")
     click.echo("  " + " ".join(builtin_config_names()))
+
+
+KIND_SHORT = {"class_il": "class-IL", "domain_il": "domain-IL"}
+
+
+def describe_config(name: str, scenario: str | None, strategy: str | None) -> str:
+    """Every key of a strategy's (or scenario's) section and of the run section, as ``clframe run``
+    resolves them for that pair: value, where it comes from, help."""
+    import dataclasses
+
+    import yaml
+
+    from clframe.config import ResolvedConfig
+    from clframe.errors import closest
+    from clframe.registry import SCENARIOS, STRATEGIES, strategy_traits
+
+    STRATEGIES.names()  # loads the built-ins
+    if name in STRATEGIES._entries or (":" in name and name not in SCENARIOS._entries
+                                       and name.partition(":")[0] + ":" not in SCENARIOS._entries):
+        if strategy:
+            raise ClframeError(f"{name} is a strategy: give the scenario with --scenario, not --strategy")
+        pair = {"scenario": scenario or "split_digits", "strategy": name}
+        section = name
+    elif name in SCENARIOS._entries or name.partition(":")[0] + ":" in SCENARIOS._entries:
+        if scenario:
+            raise ClframeError(f"{name} is a scenario: give the strategy with --strategy, not --scenario")
+        pair = {"scenario": name, "strategy": strategy or "linear"}
+        section = name
+    else:
+        known = list(STRATEGIES._entries) + list(SCENARIOS._entries)
+        raise ClframeError(f"no strategy or scenario '{name}'{closest(name, known)}; clframe list shows them")
+    config: ResolvedConfig = resolve_config(pair, None, [], SCENARIOS.get(pair["scenario"]).config_cls,
+                                            STRATEGIES.get(pair["strategy"]).config_cls)
+
+    def show(value) -> str:
+        if isinstance(value, str):
+            return value if value else "''"
+        return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...")
+
+    lines = []
+    if section == pair["strategy"]:
+        kinds, backbone = strategy_traits(name)
+        lines.append(f"strategy {name}: serves {', '.join(KIND_SHORT.get(k, k) for k in kinds)} streams; "
+                     f"{backbone} backbone")
+    else:
+        lines.append(f"scenario {name}")
+    lines.append(f"values as `clframe run --scenario {pair['scenario']} --strategy {pair['strategy']}` resolves them "
+                 f"({'--scenario' if section == pair['strategy'] else '--strategy'} picks another); "
+                 f"change one with --set {'KEY' if section == 'run' else section + '.KEY'}=VALUE")
+    lines.extend(config.notes)
+    for title, obj in ((section, config.strategy if section == pair["strategy"] else config.scenario),
+                       ("run", config.run)):
+        fields = dataclasses.fields(obj)
+        rows = [(f.name, show(getattr(obj, f.name)), config.origin(f"{title}.{f.name}"), f.metadata.get("help", ""))
+                for f in fields]
+        widths = [max((len(row[i]) for row in rows), default=0) for i in range(3)]
+        lines.append("")
+        lines.append(f"{title}:" + ("" if rows else " (no keys)"))
+        lines.extend(f"  {k:{widths[0]}s}  {v:{min(widths[1], 30)}s}  {o:{widths[2]}s}  {h}" for k, v, o, h in rows)
+    return "\n".join(lines)
 
 
 @cli.command()
 @click.argument("runs", nargs=-1, metavar="[RUN]...")
 @click.option("--experiment", default="clframe", show_default=True, help="MLflow experiment to read")
 @click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db here)")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
-              show_default=True, help="output format")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown", "latex"]), default="table",
+              show_default=True, help="output format (latex: a booktabs tabular, best per column in bold)")
 @click.option("--plot", type=click.Path(dir_okay=False), metavar="FILE.png",
-              help="also draw average accuracy and forgetting per task for these runs")
-def compare(runs, experiment, tracking_uri, fmt, plot) -> None:
-    """Compare runs, best final average accuracy first.
+              help="also draw acc_avg and forgetting per task (per group: mean with a ± std band)")
+@click.option("--group-by", metavar="FIELDS", help="one row per group of runs that differ only in seed: mean ± std "
+              "(sample std, ddof 1) and n; FIELDS (strategy, scenario, model, epochs or config keys such as lr, "
+              "comma-separated) come first; runs differing in any other config key stay apart")
+@click.option("--scenario", "scenarios", multiple=True, help="only runs of this scenario (repeatable)")
+@click.option("--strategy", "strategies", multiple=True, help="only runs of this strategy (repeatable)")
+@click.option("--status", "statuses", multiple=True, help="only runs with this status: FINISHED, FAILED, KILLED, "
+              "RUNNING (repeatable)")
+def compare(runs, experiment, tracking_uri, fmt, plot, group_by, scenarios, strategies, statuses) -> None:
+    """Compare runs: sections of one scenario and task count, best final acc_avg first.
 
     RUN is a run id, a unique prefix of one, a run name, or a sweep's parent run (for its
-    children); without RUN, every run of the experiment that has results.
+    children); without RUN, every run of the experiment (sweep parents left out).
     """
     from pathlib import Path
 
@@ -205,10 +286,15 @@ def compare(runs, experiment, tracking_uri, fmt, plot) -> None:
     check_sqlite_intact(uri)  # a damaged mlflow.db: one line naming it, not a traceback
     if plot:
         if not Path(plot).parent.is_dir():
-            raise ClframeError(f"--plot {plot}: the folder {Path(plot).parent} does not exist; create it or choose another path")
+            raise ClframeError(f"--plot {plot}: the folder {Path(plot).parent} does not exist; create it or "
+                               f"choose another path")
         check_writable_file(Path(plot), "--plot", "choose a writable path")
     try:
-        table = compare_runs(uri, experiment, list(runs), fmt, plot)
+        by = [name.strip() for name in group_by.split(",") if name.strip()] if group_by is not None else None
+        if by is not None and not by:
+            raise ClframeError("--group-by needs a field, e.g. --group-by strategy")
+        table = compare_runs(uri, experiment, list(runs), fmt, plot, group_by=by, scenarios=scenarios,
+                             strategies=strategies, statuses=statuses)
     except Exception as exc:
         failure = store_failure(uri, exc)
         if failure is None:
@@ -221,16 +307,20 @@ def compare(runs, experiment, tracking_uri, fmt, plot) -> None:
 
 @cli.command()
 @click.option("--backend-store-uri", default=None, help="store to browse (default: sqlite:///mlflow.db here)")
+@click.option("--experiment", default="clframe", show_default=True, help="experiment whose runs the UI opens on")
 @click.option("--port", default=5000, show_default=True, type=int)
 @click.option("--host", default="127.0.0.1", show_default=True)
-def ui(backend_store_uri, port, host) -> None:
-    """Open the MLflow UI on the local store (Ctrl-C to stop)."""
-    from clframe.tracking import resolve_uri
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="server processes (mlflow ui's default of 4 plus its job runner is ~15 processes, 1.9 GiB)")
+@click.option("--open", "open_browser", is_flag=True, help="also open the page in a web browser")
+def ui(backend_store_uri, experiment, port, host, workers, open_browser) -> None:
+    """Serve the MLflow UI on a store, opened on the experiment's runs (Ctrl-C to stop)."""
+    from clframe.tracking import refuse_file_store, resolve_uri
+    from clframe.ui import serve
 
     uri = backend_store_uri or resolve_uri(None)
-    args = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    click.echo(f"MLflow UI for {uri} at http://{host}:{port}")
-    os.execv(sys.executable, args)
+    refuse_file_store(uri)
+    serve(uri, experiment, host, port, workers, open_browser, click.echo)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -175,7 +175,7 @@ def _sections(records: list[RunRecord]) -> list[list[RunRecord]]:
 
 
 def run_sections(records: list[RunRecord]) -> list[Section]:
-    """One row per run, best final acc_avg first, in sections of comparable runs."""
+    """One row per run, in sections of comparable runs: complete runs first, best final acc_avg first."""
     counts: dict = {}
     sections = []
     for members in _sections(records):
@@ -185,10 +185,8 @@ def run_sections(records: list[RunRecord]) -> list[Section]:
                    + [Column(key, short_key(key), "text") for key in keys]
                    + [Column("tasks", "tasks", "text")] + METRIC_COLUMNS + [Column("status", "status", "text")])
         rows = []
-        for r in sorted(members, key=lambda r: (r.final["acc_avg"] is None, -(r.final["acc_avg"] or 0.0),
-                                                 r.final["forgetting"] if r.final["forgetting"] is not None
-                                                 else math.inf, r.run_name, r.run_id)):
-            tasks = "joint" if r.joint else (f"{r.tasks_done or 0}/{r.n_tasks}" if r.n_tasks else str(r.tasks_done or ""))
+        for r in sorted(members, key=_run_order):
+            tasks = "joint" if r.joint else f"{r.tasks_done or 0}/{r.n_tasks}" if r.n_tasks else str(r.tasks_done or "")
             rows.append(dict(r.final, run_id=r.run_id, run_name=r.run_name, strategy=_strategy_label(r),
                              model=model_label(r, counts), seed=r.seed, epochs=r.epochs, tasks=tasks,
                              status=r.status, scenario=r.scenario, n_tasks=r.n_tasks, tasks_done=r.tasks_done,
@@ -196,6 +194,13 @@ def run_sections(records: list[RunRecord]) -> list[Section]:
                              **{key: r.config.get(key, "") for key in keys}))
         sections.append(Section(_section_title(members[0]), columns, rows))
     return sections
+
+
+def _run_order(r: RunRecord) -> tuple:
+    """Complete runs first; best acc_avg, then least forgetting; runs without results last."""
+    forgetting = r.final["forgetting"]
+    return (not r.complete, r.final["acc_avg"] is None, -(r.final["acc_avg"] or 0.0),
+            forgetting if forgetting is not None else math.inf, r.run_name, r.run_id)
 
 
 def _group_by_keys(by: list[str], records: list[RunRecord]) -> list[str]:

@@ -31,7 +31,7 @@ def plot_curves(client, records: list[RunRecord], path: str | Path, grouped: boo
     keys = differing_keys(records)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     if grouped:
-        lines = [(group, _label(group.first, keys, f"seeds {','.join(map(str, group.seeds))} (n={len(group.complete)})"))
+        lines = [(group, _label(group.first, keys, f"seeds {','.join(map(str, group.seeds))}"))
                  for group in group_records(records) if group.complete]
     else:
         lines = [(Group([r]), _label(r, keys, f"seed {r.seed}")) for r in records]

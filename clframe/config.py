@@ -251,13 +251,23 @@ def builtin_config_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("clframe.configs").iterdir() if p.name.endswith(".yaml"))
 
 
+DEFAULT_ORIGIN = "default"  # a value nobody set: the dataclass field's default
+
+
 @dataclass
 class ResolvedConfig:
-    """The run section plus the chosen scenario's and strategy's sections."""
+    """The run section plus the chosen scenario's and strategy's sections.
+
+    ``origins`` maps ``section.key`` to where its value came from (a config file, the command line,
+    ``--set``; absent = the dataclass default); ``notes`` are lines worth telling the user, e.g.
+    that a subclass took the defaults of the built-in it extends.
+    """
 
     run: RunConfig
     scenario: Any
     strategy: Any
+    origins: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def flatten(self) -> dict[str, Any]:
         flat = {}
@@ -267,6 +277,9 @@ class ResolvedConfig:
                 flat[f"{section}.{key}"] = value
         return flat
 
+    def origin(self, key: str) -> str:
+        return self.origins.get(key, DEFAULT_ORIGIN)
+
     def to_yaml(self) -> str:
         data = {"run": dataclasses.asdict(self.run),
                 self.run.scenario: dataclasses.asdict(self.scenario),
@@ -274,44 +287,120 @@ class ResolvedConfig:
         return yaml.safe_dump(data, sort_keys=False)
 
 
-def _merge(target: dict[str, dict], layer: dict[str, Any], sections: set[str], origin: str) -> None:
-    for section, values in layer.items():
-        if section not in sections:
-            raise ClframeError(f"unknown config section '{section}' in {origin}; valid sections: "
-                               f"{', '.join(sorted(sections))}")
-        if not isinstance(values, dict):
-            raise ClframeError(f"section '{section}' in {origin} must be a mapping")
-        target.setdefault(section, {}).update(values)
+@dataclass
+class _Layers:
+    """Sections merged so far, and where each key's value came from."""
+
+    sections: set[str]
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)
+
+    def merge(self, layer: dict[str, Any], origin: str) -> None:
+        for section, values in layer.items():
+            if section not in self.sections:
+                raise ClframeError(f"unknown config section '{section}' in {origin}; valid sections: "
+                                   f"{', '.join(sorted(self.sections))}")
+            if not isinstance(values, dict):
+                raise ClframeError(f"section '{section}' in {origin} must be a mapping")
+            self.set(section, values, origin)
+
+    def set(self, section: str, values: dict[str, Any], origin: str) -> None:
+        self.values.setdefault(section, {}).update(values)
+        self.origins.update({f"{section}.{key}": origin for key in values})
+
+
+# Sections of a scenario's config file that apply to some strategies only (see builtin_layers).
+BACKBONES, STRATEGIES = "backbones", "strategies"
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ClframeError(f"{where} must be a mapping")
+    return value
+
+
+def _renamed(layer: dict[str, Any], old: str, new: str, keys: set[str]) -> dict[str, Any]:
+    """``layer`` with section ``old`` called ``new`` and cut to ``keys``, the fields of the subclass's
+    config (which may drop some of the built-in's)."""
+    if old == new or old not in layer:
+        return layer
+    out = {section: values for section, values in layer.items() if section != old}
+    out[new] = {k: v for k, v in _mapping(layer[old], f"section '{old}'").items() if k in keys}
+    return out
+
+
+def builtin_layers(scenario: str, strategy: str, strategy_config_cls: type) -> tuple[list[tuple[dict, str]], list[str]]:
+    """The built-in config layers of a (scenario, strategy) pair, lowest first, and notes for the user.
+
+    1. ``configs/<s>.yaml`` of the strategy, or, for a class that is not registered under its own
+       file (a user's ``module:Class``), of the nearest registered strategy it subclasses, its
+       section renamed to the subclass's;
+    2. the scenario's file: its ``run:`` and ``<scenario>:`` sections, for every strategy;
+    3. its ``backbones: {<kind>: {run keys}}`` for strategies whose ``backbone_kind`` is that kind
+       (``open_clip``: the CLIP strategies take the CLIP counterpart of the scenario's timm model);
+    4. its ``strategies: {<name>: {run: ..., <name>: ...}}`` for that strategy or a subclass of it
+       (settings a strategy needs on this data, e.g. a learning rate that moves a random backbone).
+    """
+    from clframe.registry import strategy_lineage, strategy_traits
+
+    lineage = strategy_lineage(strategy) or [strategy]
+    keys = {f.name for f in dataclasses.fields(strategy_config_cls)}
+    layers, notes = [], []
+    source = next((name for name in lineage if builtin_config(name)), None)
+    if source is not None:
+        layers.append((_renamed(builtin_config(source), source, strategy, keys), f"configs/{source}.yaml"))
+        if source != strategy:
+            notes.append(f"{strategy} takes the defaults of configs/{source}.yaml (it subclasses the built-in "
+                         f"strategy {source})")
+    own = builtin_config(scenario)
+    where = f"configs/{scenario}.yaml"
+    layers.append(({k: v for k, v in own.items() if k not in (BACKBONES, STRATEGIES)}, where))
+    backbone = strategy_traits(strategy)[1]
+    run_keys = _mapping(_mapping(own.get(BACKBONES), f"{where}: {BACKBONES}").get(backbone), f"{where}: "
+                        f"{BACKBONES}.{backbone}")
+    if run_keys:
+        layers.append(({"run": run_keys}, f"{where} ({BACKBONES}.{backbone})"))
+    per_strategy = _mapping(own.get(STRATEGIES), f"{where}: {STRATEGIES}")
+    name = next((name for name in lineage if name in per_strategy), None)
+    if name is not None:
+        layer = _mapping(per_strategy[name], f"{where}: {STRATEGIES}.{name}")
+        layers.append((_renamed(layer, name, strategy, keys), f"{where} ({STRATEGIES}.{name})"))
+    return layers, notes
 
 
 def resolve_config(cli_values: dict[str, Any], config_file: str | None, sets: list[str],
                    scenario_config_cls: type, strategy_config_cls: type,
                    base: dict[str, Any] | None = None) -> ResolvedConfig:
-    """Merge, lowest first: dataclass defaults, configs/<strategy>.yaml, configs/<scenario>.yaml,
-    ``base`` (a resumed run's saved config), the ``--config`` file, explicit CLI options, then
-    ``--set`` overrides.
+    """Merge, lowest first: dataclass defaults, the built-in files (:func:`builtin_layers`: the
+    strategy's, then the scenario's, with its sections for the strategy's backbone kind and for the
+    strategy itself), ``base`` (a resumed run's saved config), the ``--config`` file, explicit CLI
+    options, then ``--set`` overrides.
 
     The scenario's file comes after the strategy's because it knows the data's compute budget
-    (e.g. the offline digits scenario picks a small model whatever the strategy).
+    (e.g. the offline digits scenarios pick a small random model whatever the strategy); whatever
+    the user writes comes after both, so explicit options always win.
     """
     scenario, strategy = cli_values["scenario"], cli_values["strategy"]
-    sections = {"run", scenario, strategy}
-    merged: dict[str, dict] = {}
-    _merge(merged, builtin_config(strategy), sections, f"configs/{strategy}.yaml")
-    _merge(merged, builtin_config(scenario), sections, f"configs/{scenario}.yaml")
+    layers = _Layers({"run", scenario, strategy})
+    builtin, notes = builtin_layers(scenario, strategy, strategy_config_cls)
+    for layer, origin in builtin:
+        layers.merge(layer, origin)
     if base:
-        _merge(merged, base, sections, "the checkpoint's config")
+        layers.merge(base, "the checkpoint's config")
     if config_file:
-        _merge(merged, load_yaml(config_file, "config file"), sections, config_file)
-    merged.setdefault("run", {}).update({k: v for k, v in cli_values.items() if v is not None})
+        layers.merge(load_yaml(config_file, "config file"), config_file)
+    layers.set("run", {k: v for k, v in cli_values.items() if v is not None}, "command line")
     for item in sets:
         key, value = parse_set(item)
         section, dot, name = key.rpartition(".")
         section = section if dot else "run"
-        if section not in sections:
+        if section not in layers.sections:
             raise ClframeError(f"--set {key}: unknown section '{section}'; use run.<key>, "
                                f"{scenario}.<key> or {strategy}.<key>")
-        merged.setdefault(section, {})[name] = value
+        layers.set(section, {name: value}, "--set")
+    merged = layers.values
     run_values = merged.get("run", {})
     for fixed in ("scenario", "strategy"):
         if run_values.get(fixed, cli_values[fixed]) != cli_values[fixed]:
@@ -321,4 +410,6 @@ def resolve_config(cli_values: dict[str, Any], config_file: str | None, sets: li
         run=run,
         scenario=build_section(scenario_config_cls, merged.get(scenario, {}), scenario),
         strategy=build_section(strategy_config_cls, merged.get(strategy, {}), strategy),
+        origins=dict(layers.origins),
+        notes=notes,
     )

@@ -233,14 +233,20 @@ def finished_runs(client, parent_run_id: str, experiment_id: str) -> list:
                               max_results=5000)
 
 
-def config_key(config: ResolvedConfig) -> tuple:
-    """What makes two children the same run (everything but where and how fast it runs)."""
+def compared_keys(config: ResolvedConfig) -> set[str]:
+    """The config keys that make two children the same run (all but where and how fast it runs)."""
     from clframe.runner import RESUME_FREE_KEYS
 
-    return tuple(sorted((k, str(v)[:6000]) for k, v in config.flatten().items() if k not in RESUME_FREE_KEYS))
+    return set(config.flatten()) - RESUME_FREE_KEYS
+
+
+def config_key(config: ResolvedConfig) -> tuple:
+    keys = compared_keys(config)
+    return tuple(sorted((k, str(v)[:6000]) for k, v in config.flatten().items() if k in keys))
 
 
 def run_key(run, keys: set[str]) -> tuple:
+    """A logged run's params, as ``config_key`` of its config."""
     return tuple(sorted((k, v) for k, v in run.data.params.items() if k in keys))
 
 
@@ -267,7 +273,7 @@ class RaySweep:
 
         experiment = parent.client.get_experiment_by_name(configs[0].run.experiment)
         runs = finished_runs(parent.client, parent.run_id, experiment.experiment_id)
-        keys = set(configs[0].flatten())
+        keys = compared_keys(configs[0])
         finished = [run_key(r, keys) for r in runs if r.info.status == "FINISHED"]
         killed = {run_key(r, keys): r for r in runs if r.info.status == "KILLED"}
         remaining = []

@@ -4,6 +4,10 @@
 under a unique name (a duplicate is refused). A user's own class or builder runs without
 registering, by ``package.module:Name``. Built-ins are registered when ``strategies`` and
 ``scenarios`` are imported, which :func:`load_builtins` does lazily.
+
+:func:`strategy_lineage` names the registered strategies a class descends from (itself first when
+it is registered), which is how a user's ``module:Class`` subclass of a built-in finds that
+built-in's ``configs/<name>.yaml`` (clframe.config.resolve_config).
 """
 from __future__ import annotations
 
@@ -74,6 +78,30 @@ class Registry:
 
 STRATEGIES = Registry("strategy")
 SCENARIOS = Registry("scenario")
+
+
+def strategy_lineage(name: str) -> list[str]:
+    """Registered strategy names along the class hierarchy of strategy ``name``, nearest first.
+
+    ``l2p`` -> ``["l2p"]``; a user's ``my_mod:MyL2P`` subclassing L2P -> ``["l2p"]``; a class that
+    descends from no built-in -> ``[]``.
+    """
+    cls = STRATEGIES.get(name).obj
+    by_class: dict[Any, str] = {}
+    for entry in STRATEGIES._entries.values():
+        by_class.setdefault(entry.obj, entry.name)
+    lineage = [name] if name in STRATEGIES._entries else []
+    for ancestor in getattr(cls, "__mro__", ())[1 if lineage else 0:]:
+        registered = by_class.get(ancestor)
+        if registered is not None and registered not in lineage:
+            lineage.append(registered)
+    return lineage
+
+
+def strategy_traits(name: str) -> tuple[tuple[str, ...], str]:
+    """(stream kinds it serves, backbone kind) of strategy ``name``, from its class attributes."""
+    cls = STRATEGIES.get(name).obj
+    return tuple(getattr(cls, "kinds", ())), str(getattr(cls, "backbone_kind", "timm"))
 
 
 def register_strategy(name: str) -> Callable[[type], type]:

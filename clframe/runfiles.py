@@ -122,13 +122,14 @@ class RunLock:
         self.path = folder / LOCK_NAME
         self.handle: int | None = None
 
-    def holder(self) -> str:
+    def holder(self) -> tuple[str, str]:
+        """(who holds the lock, in words; its pid or 'PID')."""
         try:
             pid, started, host = self.path.read_text().split()[:3]
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(started)))
-            return f"process {pid} on {host}, started {when}"
+            return f"process {pid} on {host}, started {when}", pid
         except (OSError, ValueError):
-            return "another process"
+            return "another process", "PID"
 
     def try_acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,8 +160,9 @@ class RunLock:
 
     def acquire(self, run_id: str) -> "RunLock":
         if not self.try_acquire():
-            raise ClframeError(f"run {run_id} is being driven by {self.holder()} (lock {self.path}); wait for it to "
-                               f"end, or stop it (kill PID: it is marked KILLED) and resume then")
+            who, pid = self.holder()
+            raise ClframeError(f"run {run_id} is being driven by {who} (lock {self.path}); wait for it to end, or "
+                               f"stop it (kill {pid}: the run is marked KILLED) and resume then")
         return self
 
     def release(self) -> None:

@@ -163,8 +163,7 @@ def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature 
     raise RunInterrupted(signal.Signals(signum).name)
 
 
-TRACKING_SCHEMES = ("file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc",
-                    "uc")
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -200,8 +199,9 @@ def stream_signature(stream: Stream, config: ResolvedConfig) -> dict:
 
 
 SIGNATURE_PARTS = {"name": "the scenario", "n_tasks": "the number of tasks", "n_train_tasks": "the tasks trained",
-                   "classes": "the tasks' classes", "class_order": "the class order", "domain_order": "the domain order",
-                   "n_images": "the number of images per task", "fingerprint": "the images themselves"}
+                   "classes": "the tasks' classes", "class_order": "the class order",
+                   "domain_order": "the domain order", "n_images": "the number of images per task",
+                   "fingerprint": "the images themselves"}
 
 
 def load_resume(target: str, config: ResolvedConfig) -> tuple[dict, Path]:
@@ -478,7 +478,8 @@ def _stopped(what: str, status: str | None, engine: Engine | None, stream: Strea
     checkpoint on disk), and how to go on (``fix``: what to do before resuming)."""
     total = len(engine.train_experiences) if engine is not None else (1 if run.joint else stream.n_tasks)
     if hint:  # a divergence message already names its task and step
-        what += f" during task {done + 1}/{total}" if done < total else " after the last task"
+        what += (" as its MLflow run was being created" if engine is None and not done else
+                 f" during task {done + 1}/{total}" if done < total else " after the last task")
     kept_at = ckpt_path if ckpt_path is not None and ckpt_path.is_file() else resume_path
     if done and kept_at is not None:
         kept = f"the checkpoint after task {done}/{total} is kept at {kept_at}"
@@ -489,7 +490,8 @@ def _stopped(what: str, status: str | None, engine: Engine | None, stream: Strea
     if not tracker.run_id:
         marked = "no MLflow run was opened"
     elif status is None:  # the store could not be written either
-        marked = f"MLflow run {tracker.run_id} could not be marked FAILED (its store cannot be written), a resume closes it"
+        marked = (f"MLflow run {tracker.run_id} could not be marked FAILED (its store cannot be written), a resume "
+                  f"closes it")
     else:
         marked = f"MLflow run {tracker.run_id} marked {status}"
     return f"{what}; {marked}; {kept}"

@@ -251,7 +251,7 @@ class RaySearch:
         else:
             from ray.tune.search.basic_variant import BasicVariantGenerator
 
-            algorithm = BasicVariantGenerator(random_state=search.seed)
+            algorithm = BasicVariantGenerator(random_state=search.seed, max_concurrent=self.options.parallel or 0)
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=10_000, grace_period=search.grace_tasks,
                                    reduction_factor=search.reduction_factor) if search.scheduler == "asha" else None)
         threads = max(1, int(self.options.cpus_per_run))
@@ -264,7 +264,8 @@ class RaySearch:
             trainable, param_space=tune_space(self.space),
             tune_config=tune.TuneConfig(metric=search.metric, mode=search.mode, num_samples=trials,
                                         search_alg=algorithm, scheduler=scheduler,
-                                        max_concurrent_trials=self.options.parallel, reuse_actors=True),
+                                        max_concurrent_trials=self.options.parallel if search.algorithm == "optuna"
+                                        else None, reuse_actors=True),
             run_config=tune.RunConfig(name=prefix, storage_path=storage, verbose=0,
                                       callbacks=[_echo_callback(echo, prefix, search.metric)],
                                       failure_config=tune.FailureConfig(fail_fast=fail_fast)))

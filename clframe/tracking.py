@@ -394,7 +394,8 @@ class FallbackTracker:
             first = (str(exc).strip().splitlines() or [""])[0][:160]
             if run_id is not None:
                 raise ClframeError(f"--resume: cannot reopen MLflow run {run_id} at {self.primary.uri} "
-                                   f"({type(exc).__name__}: {first}); pass the --tracking-uri it was logged to") from None
+                                   f"({type(exc).__name__}: {first}); pass the --tracking-uri it was logged "
+                                   f"to") from None
             if self._server_gone():
                 raise ClframeError(f"MLflow tracking server {self.primary.uri} stopped answering as the run started "
                                    f"({type(exc).__name__}); start it again, or leave --tracking-uri out to log to "
@@ -402,7 +403,8 @@ class FallbackTracker:
             if self.primary.uri.startswith(("http://", "https://")):
                 raise ClframeError(f"{self.primary.uri} answers /health but not as an MLflow tracking server "
                                    f"({type(exc).__name__}: {first}); check --tracking-uri") from None
-            raise ClframeError(f"cannot open an MLflow run in {self.primary.uri} ({type(exc).__name__}: {first})") from None
+            raise ClframeError(f"cannot open an MLflow run in {self.primary.uri} ({type(exc).__name__}: "
+                               f"{first})") from None
         self._start = (run_name, dict(tags), dict(params), parent_run_id, run_id)
         self._open[started] = self
         if self.system_metrics:

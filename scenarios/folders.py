@@ -163,7 +163,7 @@ def folder_domains(cfg: FolderDomainsConfig, run: RunConfig) -> Stream:
         if len(names) > 1 and not others & set(per_domain[domain]):
             raise ClframeError(f"folder_domains: domain {domain} shares no class with the other domains "
                                f"({', '.join(sorted(per_domain[domain]))} vs {', '.join(sorted(others))}); domain-IL "
-                               f"needs the same class folders in every domain (for disjoint classes use folder_classes)")
+                               f"needs the same class folders in every domain (disjoint classes: folder_classes)")
     class_names = sorted(set().union(*per_domain.values()))
     class_ids = {name: i for i, name in enumerate(class_names)}
     rng = np.random.RandomState(run.seed)

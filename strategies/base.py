@@ -61,7 +61,12 @@ from torch import nn
 
 from clframe.config import RunConfig, option
 from clframe.models import input_stats, native_image_size
-from clframe.scenarios.base import CLASS_IL, Experience
+from clframe.errors import ClframeError
+from clframe.scenarios.base import CLASS_IL, DOMAIN_IL, Experience
+
+
+KIND_NAMES = {CLASS_IL: "class-IL", DOMAIN_IL: "domain-IL"}
+KIND_EXAMPLES = {CLASS_IL: "split_digits, split_cifar100, ...", DOMAIN_IL: "rotated_digits, corrupted_digits, ..."}
 
 
 @dataclass
@@ -140,6 +145,10 @@ class Strategy(nn.Module, abc.ABC):
 
     name: ClassVar[str] = "strategy"
     config_cls: ClassVar[type] = StrategyConfig
+    # Stream kinds it can serve (any other is refused in one line) and the kind of backbone it builds,
+    # which picks the run keys a scenario's config file gives it (``backbones:`` in configs/<scenario>.yaml).
+    kinds: ClassVar[tuple[str, ...]] = (CLASS_IL, DOMAIN_IL)
+    backbone_kind: ClassVar[str] = "timm"
 
     def __init__(self, config: Any, run: RunConfig, info: StreamInfo) -> None:
         super().__init__()
@@ -150,6 +159,10 @@ class Strategy(nn.Module, abc.ABC):
         self._current: list[int] = []
         self._task_id = -1
         self._engine_io: EngineIO | None = None  # set by the engine (clframe.engine.Engine)
+        if info.kind not in self.kinds:
+            wanted = " or ".join(f"{KIND_NAMES.get(k, k)} scenario ({KIND_EXAMPLES.get(k, '...')})" for k in self.kinds)
+            raise ClframeError(f"strategy {self.name} needs a {wanted}, not a {KIND_NAMES.get(info.kind, info.kind)} "
+                               f"one; clframe list shows the kinds each strategy serves")
 
     # ----- read-only continual-learning state -----
     @property

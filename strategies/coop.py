@@ -38,6 +38,7 @@ class CoOp(Strategy):
     """CoOp: learned context words in CLIP's text prompt; both encoders frozen."""
 
     config_cls = CoOpConfig
+    backbone_kind = "open_clip"  # scenarios give it their CLIP model (backbones.open_clip)
 
     def __init__(self, config: CoOpConfig, run: RunConfig, info: StreamInfo) -> None:
         super().__init__(config, run, info)

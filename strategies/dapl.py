@@ -25,7 +25,6 @@ from torch import nn
 
 from clframe.clip_backbone import ClipBackbone, ClipOptions, prompt_class_names
 from clframe.config import RunConfig, option
-from clframe.errors import ClframeError
 from clframe.registry import register_strategy
 from clframe.text_prompts import EvalCache, PromptSlots, init_context
 from clframe.scenarios.base import DOMAIN_IL, Experience
@@ -59,12 +58,11 @@ class Dapl(Strategy):
     """DAPL: domain-agnostic plus per-domain learned context in CLIP's prompt, for domain-IL."""
 
     config_cls = DaplConfig
+    kinds = (DOMAIN_IL,)  # one context per domain
+    backbone_kind = "open_clip"
 
     def __init__(self, config: DaplConfig, run: RunConfig, info: StreamInfo) -> None:
         super().__init__(config, run, info)
-        if info.kind != DOMAIN_IL:
-            raise ClframeError(f"dapl learns one context per domain: it needs a domain-IL scenario "
-                               f"(rotated_digits, corrupted_digits, ...), not a {info.kind} one")
         names = prompt_class_names(info, self.name)
         domains = list(info.domain_names or [f"domain {d}" for d in range(info.n_tasks)])
         self.backbone = ClipBackbone.create(run, config, self.name)

@@ -23,7 +23,7 @@ from clframe.strategies.baseline import RehearsalConfig, RehearsalStrategy
 
 @dataclass
 class GDumbConfig(RehearsalConfig):
-    passes: int = option(1, "times the buffer is repeated in one epoch (GDumb fits its small buffer for many "
+    passes: int = option(10, "times the buffer is repeated in one epoch (GDumb fits its small buffer for many "
                          "epochs; this multiplies run.epochs without changing it for the other strategies)", min=1)
 
 

@@ -31,7 +31,7 @@ def distillation(logits: torch.Tensor, teacher: torch.Tensor, temperature: float
 
 @dataclass
 class LwFConfig(NetworkConfig):
-    alpha: float = option(0.5, "weight of the distillation term", min=0.0)
+    alpha: float = option(3.0, "weight of the distillation term", min=0.0)
     temperature: float = option(2.0, "softmax temperature of the distillation", min=1e-6)
 
 

@@ -42,6 +42,8 @@ class SlcaConfig(StrategyConfig):
     samples_per_class: int = option(256, "Gaussian samples per class and alignment epoch", min=1)
     logit_norm: float = option(0.1, "alignment logits / (mean per-task norm x this); 0 turns it off", min=0.0)
     covariance_ridge: float = option(1e-4, "added to every class covariance's diagonal", min=0.0)
+    mean_decay: float = option(0.1, "class k's mean is scaled by 1 - d + d (k + 1) / (t + 1) at task t "
+                               "(reference 0.1; 0 keeps the stored means)", min=0.0)
 
 
 @register_strategy("slca")
@@ -98,8 +100,9 @@ class Slca(Strategy):
 
     def class_gaussians(self, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Means scaled as the reference scales them, and Cholesky factors of the covariances (float64)."""
-        decay = (self.home[classes].double() + 1) / (self.task_id + 1) * 0.1
-        means = self.stats.means()[classes] * (0.9 + decay).unsqueeze(1)
+        d = self.config.mean_decay
+        scale = 1 - d + d * (self.home[classes].double() + 1) / (self.task_id + 1)
+        means = self.stats.means()[classes] * scale.unsqueeze(1)
         eye = torch.eye(self.stats.dim, dtype=torch.float64, device=means.device)
         covariances = torch.stack([self.stats.covariance(c) + self.config.covariance_ridge * eye for c in classes])
         return means, torch.linalg.cholesky(covariances)

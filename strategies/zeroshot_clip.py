@@ -25,6 +25,7 @@ class ZeroshotClip(Strategy):
     """Zero-shot CLIP: a text classifier from a template over the class names; nothing trains."""
 
     config_cls = ZeroshotClipConfig
+    backbone_kind = "open_clip"  # scenarios give it their CLIP model (backbones.open_clip)
 
     def __init__(self, config: ZeroshotClipConfig, run: RunConfig, info: StreamInfo) -> None:
         super().__init__(config, run, info)

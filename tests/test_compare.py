@@ -14,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from mlflow.entities import Metric, Param, RunTag
@@ -138,20 +139,24 @@ def invoke(*args):
 def test_compare_sorts_by_accuracy_in_every_format(synthetic_store, tmp_path):
     uri, _, parent, ids = synthetic_store
     table = invoke("compare", "--tracking-uri", uri).stdout.splitlines()
-    assert table[0].split()[:6] == ["run", "strategy", "scenario", "model", "tasks", "acc_avg"]
-    # Best accuracy first; equal accuracy: less forgetting first; the sweep parent has no results.
-    assert [line.split()[1] for line in table[1:]] == ["linear", "vpt", "l2p", "finetune"]
-    assert table[1].split() == [ids["linear"][:8], "linear", "split_digits", "vit_tiny_patch16_224", "2/2", "75.25",
+    assert table[0] == "split_digits · 2 tasks · eval classes: seen"  # one section: one scenario, one task count
+    assert table[1].split()[:5] == ["run", "strategy", "model", "tasks", "acc_avg"]  # empty columns left out
+    # Best accuracy first; equal accuracy: less forgetting first; the sweep parent is not a result.
+    assert [line.split()[1] for line in table[2:]] == ["linear", "vpt", "l2p", "finetune"]
+    assert table[2].split() == [ids["linear"][:8], "linear", "vit_tiny_patch16_224", "2/2", "75.25",
                                 "5.00", "-5.00", "330", "3.5", "510", "950", "FINISHED"]
-    assert table[4].split()[4:9] == ["1/2", "40.00", "0.00", "0.00", "32,170"] and table[4].endswith("FAILED")
+    assert table[5].split()[3:8] == ["1/2", "40.00", "0.00", "0.00", "32,170"] and table[5].endswith("FAILED")
 
     rows = json.loads(invoke("compare", "--tracking-uri", uri, "--format", "json").stdout)
     assert [r["strategy"] for r in rows] == ["linear", "vpt", "l2p", "finetune"]
     l2p = rows[2]
-    assert l2p == {"run_id": ids["l2p"], "run_name": "l2p-run", "status": "FINISHED", "strategy": "l2p",
-                   "scenario": "split_digits", "model": "vit_tiny_patch16_224", "tasks_done": 2, "n_tasks": 2,
-                   "acc_avg": 70.5, "forgetting": 12.0, "bwt": -12.0, "trainable_params": 1234,
-                   "wall_time_s": 12.25, "train_img_s": 510.0, "eval_img_s": 950.0}
+    assert {k: l2p[k] for k in ("run_id", "run_name", "status", "strategy", "scenario", "model", "tasks_done",
+                                "n_tasks", "acc_avg", "forgetting", "bwt", "trainable_params", "wall_time_s",
+                                "train_img_s", "eval_img_s", "seed", "joint")} == {
+        "run_id": ids["l2p"], "run_name": "l2p-run", "status": "FINISHED", "strategy": "l2p",
+        "scenario": "split_digits", "model": "vit_tiny_patch16_224", "tasks_done": 2, "n_tasks": 2,
+        "acc_avg": 70.5, "forgetting": 12.0, "bwt": -12.0, "trainable_params": 1234, "wall_time_s": 12.25,
+        "train_img_s": 510.0, "eval_img_s": 950.0, "seed": None, "joint": False}
     assert rows[3]["wall_time_s"] is None and rows[3]["tasks_done"] == 1
 
     parsed = list(csv.DictReader(io.StringIO(invoke("compare", "--tracking-uri", uri, "--format", "csv").stdout)))
@@ -159,8 +164,9 @@ def test_compare_sorts_by_accuracy_in_every_format(synthetic_store, tmp_path):
     assert float(parsed[0]["acc_avg"]) == 75.25 and parsed[3]["wall_time_s"] == ""
 
     markdown = invoke("compare", "--tracking-uri", uri, "--format", "markdown").stdout.splitlines()
-    assert markdown[0].startswith("| run | strategy |") and set(markdown[1]) <= set("|:-")
-    assert len(markdown) == 6 and "| 75.25 |" in markdown[2]
+    assert markdown[0] == "**split_digits · 2 tasks · eval classes: seen**"
+    assert markdown[2].startswith("| run | strategy |") and set(markdown[3]) <= set("|:-")
+    assert len(markdown) == 8 and "| 75.25 |" in markdown[4]
 
     # RUN selects runs: a unique id prefix, a run name, or a sweep parent for its children.
     picked = json.loads(invoke("compare", "--tracking-uri", uri, "--format", "json", ids["l2p"][:6],
@@ -169,7 +175,7 @@ def test_compare_sorts_by_accuracy_in_every_format(synthetic_store, tmp_path):
     children = json.loads(invoke("compare", "--tracking-uri", uri, "--format", "json", parent).stdout)
     assert [r["strategy"] for r in children] == ["linear", "finetune"]
 
-    plot = tmp_path / "plots" / "acc.png"
+    plot = tmp_path / "acc.png"
     result = invoke("compare", "--tracking-uri", uri, "--plot", str(plot), ids["l2p"], ids["linear"])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "plot written" in result.stderr
 
@@ -186,6 +192,85 @@ def test_compare_errors_name_the_fix(synthetic_store, tmp_path, monkeypatch):
     with pytest.raises(ClframeError, match="no MLflow store at sqlite:///mlflow.db"):
         compare_runs("sqlite:///mlflow.db", "clframe")
     assert not (tmp_path / "empty" / "mlflow.db").exists()  # reading never creates an empty store
+
+
+# ----- seeds: groups, mean ± std, LaTeX, filters -----
+SEED_RESULTS = {  # strategy -> final acc_avg per seed; bitfit's seed 2 FAILED, coop never ran seed 2
+    "linear": {0: 80.0, 1: 82.5, 2: 86.0}, "bitfit_x": {0: 70.0, 1: 74.0, 2: 10.0}, "coop": {0: 60.0, 1: 61.0}}
+
+
+@pytest.fixture(scope="module")
+def seeds_store(tmp_path_factory):
+    uri = f"sqlite:///{tmp_path_factory.mktemp('seeds')}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("clframe")
+    kwargs = "{'patch_size': 8, 'depth': 2, 'embed_dim': 32, 'num_heads': 2}"
+    for strategy, per_seed in SEED_RESULTS.items():
+        for seed, final in per_seed.items():
+            failed = strategy == "bitfit_x" and seed == 2
+            params = {"n_tasks": 2, "run.seed": seed, "run.epochs": 1, "run.lr": 0.01, "run.model_kwargs": kwargs,
+                      "run.image_size": 16, "run.run_name": f"name-{seed}", "run.eval_classes": "seen"}
+            log_run(client, exp, f"{strategy}-{seed}", {"strategy": strategy, "scenario": "split_digits",
+                                                      "model": "vit_tiny_patch16_224", "scenario_kind": "class_il"},
+                    {"acc_avg": [90.0] if failed else [90.0, final], "forgetting": [0.0] if failed else [0.0, 100 - final],
+                     "bwt": [0.0] if failed else [0.0, final - 100]},
+                    status="FAILED" if failed else "FINISHED", params=params, wall=None if failed else 1.0 + seed)
+    # Another stream (5 tasks) and another learning rate: never averaged with the runs above.
+    log_run(client, exp, "linear-5", {"strategy": "linear", "scenario": "split_digits", "scenario_kind": "class_il"},
+            {"acc_avg": [99.0] * 5, "forgetting": [0.0] * 5, "bwt": [0.0] * 5},
+            params={"n_tasks": 5, "run.seed": 0, "run.epochs": 1, "run.lr": 0.01})
+    log_run(client, exp, "linear-lr", {"strategy": "linear", "scenario": "split_digits", "scenario_kind": "class_il"},
+            {"acc_avg": [90.0, 50.0], "forgetting": [0.0, 1.0], "bwt": [0.0, -1.0]},
+            params={"n_tasks": 2, "run.seed": 0, "run.epochs": 1, "run.lr": 0.1, "run.model_kwargs": kwargs,
+                    "run.image_size": 16, "run.eval_classes": "seen"})
+    return uri
+
+
+def test_group_by_gives_numpy_mean_and_sample_std_and_flags_failed_and_missing_seeds(seeds_store):
+    rows = json.loads(invoke("compare", "--tracking-uri", seeds_store, "--group-by", "strategy", "--format",
+                             "json").stdout)
+    two_tasks = {row["strategy"] + ("-lr" if row.get("run.lr") == "0.1" else ""): row
+                 for row in rows if row["n_tasks"] == 2}
+    assert [row["n_tasks"] for row in rows].count(5) == 1  # the 5-task stream is a section of its own
+    for strategy, per_seed in SEED_RESULTS.items():
+        kept = [v for s, v in per_seed.items() if not (strategy == "bitfit_x" and s == 2)]
+        row = two_tasks[strategy]
+        assert row["acc_avg_mean"] == pytest.approx(np.mean(kept))
+        assert row["acc_avg_std"] == pytest.approx(np.std(kept, ddof=1))  # sample std, ddof 1
+        assert row["n"] == len(kept) and row["seeds"] == ",".join(map(str, range(len(kept))))
+    assert two_tasks["bitfit_x"]["note"] == "FAILED seed 2"
+    assert two_tasks["coop"]["note"] == "missing seed 2" and two_tasks["linear"]["note"] == ""
+    assert two_tasks["linear-lr"]["n"] == 1 and two_tasks["linear-lr"]["acc_avg_std"] is None  # lr splits groups
+    # The model's parameter count replaces the bare name when model_kwargs changed it (timm on the meta device).
+    assert two_tasks["linear"]["model"] == "vit_tiny_patch16_224 (31.8k params)"
+
+    table = invoke("compare", "--tracking-uri", seeds_store, "--group-by", "strategy").stdout.splitlines()
+    assert table[0] == "split_digits · 2 tasks · eval classes: seen" and table[1].split()[:4] == [
+        "strategy", "model", "epochs", "lr"]
+    linear = next(line for line in table if line.startswith("linear ") and " 0.01 " in line)
+    assert f"{np.mean([80, 82.5, 86]):.2f} ± {np.std([80, 82.5, 86], ddof=1):.2f}" in linear
+    assert next(line for line in table if line.startswith("bitfit_x")).endswith("FAILED seed 2")
+
+
+def test_latex_is_booktabs_with_best_bold_and_escapes(seeds_store):
+    latex = invoke("compare", "--tracking-uri", seeds_store, "--group-by", "strategy", "--format", "latex",
+                   "--status", "FINISHED", "--strategy", "linear", "--strategy", "bitfit_x").stdout.splitlines()
+    assert latex[0].startswith(r"\begin{tabular}{") and latex[1] == r"\toprule" and latex[-2:] == [
+        r"\bottomrule", r"\end{tabular}"]
+    assert r"acc\_avg" in latex[2] and "bitfit\\_x" in "\n".join(latex) and "bitfit_x" not in "\n".join(latex)
+    best = f"{np.mean([80, 82.5, 86]):.2f} $\\pm$ {np.std([80, 82.5, 86], ddof=1):.2f}"
+    assert any(rf"\textbf{{{best}}}" in line for line in latex)  # linear's acc_avg is the column's best
+    assert not any(r"\textbf{72.00" in line for line in latex)  # bitfit_x's is not
+    assert "\\multicolumn" in "\n".join(latex)  # two sections (2 and 5 tasks) in one tabular
+    statuses = json.loads(invoke("compare", "--tracking-uri", seeds_store, "--status", "failed", "--format",
+                                 "json").stdout)
+    assert [row["run_name"] for row in statuses] == ["bitfit_x-2"]
+    with pytest.raises(ClframeError, match="no run matches"):
+        CliRunner().invoke(cli, ["compare", "--tracking-uri", seeds_store, "--scenario", "nope"],
+                           catch_exceptions=False)
+    with pytest.raises(ClframeError, match="--group-by pool: not a field"):
+        CliRunner().invoke(cli, ["compare", "--tracking-uri", seeds_store, "--group-by", "pool"],
+                           catch_exceptions=False)
 
 
 # ----- sweeps -----
@@ -237,8 +322,10 @@ def test_sweep_records_a_failing_child_and_goes_on_or_stops(tmp_path, monkeypatc
         assert children[1].data.params["run.weights"] == "missing.pth"
         assert [m.step for m in client.get_metric_history(children[2].info.run_id, "acc_avg")] == [0, 1]
         summary = result.stdout[result.stdout.index("sweep 'mixed' ("):].splitlines()
-        assert [line.split()[1] for line in summary[2:]] == ["test_compare:ExplodingLinear", "linear", "linear"]
-        assert [line.split()[-1] for line in summary[2:]] == ["FAILED", "FINISHED", "FAILED"]  # no results: last
+        assert summary[1] == "split_digits · 2 tasks · eval classes: seen"
+        rows = summary[3:6]  # complete runs first, then the others; a run without results last
+        assert [line.split()[1] for line in rows] == ["linear", "test_compare:ExplodingLinear", "linear"]
+        assert [line.split()[-1] for line in rows] == ["FINISHED", "FAILED", "FAILED"]
 
 
 # ----- against a real server -----

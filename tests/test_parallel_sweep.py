@@ -169,7 +169,7 @@ def test_asha_stops_a_hopeless_trial_after_its_first_task(ray_local, server, tmp
     monkeypatch.chdir(tmp_path)
     Path("search.yaml").write_text(
         "name: asha\nruns: [{strategy: linear}]\nsearch:\n  space: {lr: {choice: [0.01, 1.0e-7]}}\n"
-        "  trials: 4\n  algorithm: random\n  scheduler: asha\n  seed: 0\n")
+        "  trials: 3\n  algorithm: random\n  scheduler: asha\n  seed: 1\n")  # lr: 0.01, then 1e-7 twice
     result = clframe_run(["--sweep", "search.yaml", *TINY, "--tracking-uri", server, "--parallel", "1"])
     assert result.exit_code == 0, result.output
     runs = children(server, parent_of(server, "asha").info.run_id)

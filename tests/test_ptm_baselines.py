@@ -163,6 +163,20 @@ def test_aper_adapts_during_task_0_only():
     assert engine.strategy.prototypes.shape[1] == 2 * engine.strategy.backbone.embed_dim
 
 
+def test_ssf_at_identity_is_the_frozen_model_and_its_last_shift_moves_the_features():
+    config = resolve("aper", "split_digits", "aper.peft=ssf")
+    strategy = runner.build_strategy(config, runner.build_stream(config))
+    images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for scale, shift in zip(strategy.ssf.scales, strategy.ssf.shifts):
+            scale.fill_(1.0), shift.zero_()
+        frozen = frozen_features(strategy.backbone, images)
+        assert torch.allclose(strategy.ssf.features(strategy.backbone, images), frozen, atol=1e-5)
+        strategy.ssf.shifts[-1].fill_(1.0)  # after the final norm: every pooled feature + 1
+        assert torch.allclose(strategy.ssf.features(strategy.backbone, images), frozen + 1, atol=1e-5)
+    assert torch.allclose(frozen_features(strategy.backbone, images), frozen)  # no hook stays behind
+
+
 # ----- every strategy, end to end -----
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
