@@ -160,7 +160,8 @@ def _strategy_label(record: RunRecord) -> str:
     return f"{record.strategy} (joint)" if record.joint else record.strategy
 
 
-def _section_title(record: RunRecord) -> str:
+def _section_title(members: list[RunRecord]) -> str:
+    record = next((r for r in members if r.n_tasks is not None), members[0])
     title = f"{record.scenario} · {record.n_tasks} tasks" if record.n_tasks else record.scenario
     if record.kind != "domain_il":
         title += f" · eval classes: {record.eval_classes}"
@@ -168,9 +169,19 @@ def _section_title(record: RunRecord) -> str:
 
 
 def _sections(records: list[RunRecord]) -> list[list[RunRecord]]:
+    """Records by (scenario, task count, eval classes); a run that failed before it knew its stream
+    (no task count) joins its scenario's section when there is one."""
+    known: dict[tuple, set] = {}
+    for record in records:
+        if record.n_tasks is not None:
+            known.setdefault((record.scenario, record.eval_classes), set()).add(record.n_tasks)
     by_section: dict[tuple, list[RunRecord]] = {}
     for record in records:
-        by_section.setdefault(record.section, []).append(record)
+        counts = known.get((record.scenario, record.eval_classes), set())
+        key = record.section
+        if record.n_tasks is None and len(counts) == 1:
+            key = (record.scenario, next(iter(counts)), record.eval_classes)
+        by_section.setdefault(key, []).append(record)
     return [by_section[key] for key in sorted(by_section, key=lambda k: tuple(str(part) for part in k))]
 
 
@@ -192,7 +203,7 @@ def run_sections(records: list[RunRecord]) -> list[Section]:
                              status=r.status, scenario=r.scenario, n_tasks=r.n_tasks, tasks_done=r.tasks_done,
                              joint=r.joint, eval_classes=r.eval_classes,
                              **{key: r.config.get(key, "") for key in keys}))
-        sections.append(Section(_section_title(members[0]), columns, rows))
+        sections.append(Section(_section_title(members), columns, rows))
     return sections
 
 
@@ -243,7 +254,7 @@ def group_sections(records: list[RunRecord], by: list[str]) -> list[Section]:
                 row[column.name] = group.stats(column.name)
             rows.append(row)
         rows.sort(key=lambda row: (math.isnan(row["acc_avg"][0]), -_finite(row["acc_avg"][0]), row["strategy"]))
-        sections.append(Section(_section_title(members[0]), columns, rows))
+        sections.append(Section(_section_title(members), columns, rows))
     return sections
 
 

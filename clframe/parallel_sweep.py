@@ -380,7 +380,8 @@ class _Flight:
             f"tags.`mlflow.parentRunId` = '{self.parent.run_id}' and "
             f"attributes.run_name = '{item.config.run.run_name}'")) if experiment else []
         if found:
-            client.set_tag(found[0].info.run_id, "clframe.error", message[:5000])
+            client.set_tag(found[0].info.run_id, "clframe.error" if status == "FAILED" else "clframe.stopped",
+                           message[:5000])
             if found[0].info.status == "RUNNING":
                 client.set_terminated(found[0].info.run_id, status=status)
         elif status == "FAILED":
