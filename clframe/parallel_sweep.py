@@ -165,7 +165,8 @@ def mlflow_server(store_uri: str, echo: Callable[[str], None]) -> Iterator[str]:
                                    f"({tail[0][:200]}); pass --tracking-uri http://HOST:PORT of a running server")
             time.sleep(0.25)
         echo(f"parallel runs log through a local MLflow server at {url} on {store_uri} (stopped when the sweep ends)")
-        yield url
+        with _env(MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true"):  # links to this server die with it
+            yield url
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
@@ -177,6 +178,20 @@ def mlflow_server(store_uri: str, echo: Callable[[str], None]) -> Iterator[str]:
             process.wait()
         log.close()
         Path(log.name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @contextlib.contextmanager
@@ -286,6 +301,7 @@ class RaySweep:
             if stopped is not None and checkpoint.checkpoint_path(item.config.run.checkpoint_dir,
                                                                   stopped.info.run_id).is_file():
                 item.resume = stopped.info.run_id
+                item.config.run = dataclasses.replace(item.config.run, run_name=stopped.info.run_name)
             remaining.append(item)
         echo(f"resuming sweep {parent.run_id}: {len(todo) - len(remaining)} of {len(todo)} runs already finished, "
              f"{sum(1 for p in remaining if p.resume)} continue from a checkpoint")

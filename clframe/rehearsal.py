@@ -140,7 +140,8 @@ class RehearsalBuffer:
         if not len(labels) or not self.capacity:
             return
         self._allocate(images, None)
-        host_rng = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=self._rng(self.images.device))))
+        seed = int(torch.randint(2**62, (1,), generator=self._rng(self.images.device)))
+        host_rng = torch.Generator().manual_seed(seed)  # the choices are made on the host
         members: dict[int, list[int]] = {}
         for slot, label in enumerate(self.labels[:self.size].tolist()):
             members.setdefault(label, []).append(slot)
@@ -226,7 +227,8 @@ class RehearsalBuffer:
 
     def histogram_csv(self, class_names: list[str]) -> str:
         counts = self.histogram(len(class_names))
-        return "class,name,images\n" + "".join(f"{c},{name},{n}\n" for c, (name, n) in enumerate(zip(class_names, counts)))
+        rows = (f"{c},{name},{n}\n" for c, (name, n) in enumerate(zip(class_names, counts)))
+        return "class,name,images\n" + "".join(rows)
 
     # ----- checkpoint -----
     def state_dict(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Iterator
 from clframe.errors import ClframeError
 
 LOCK_NAME = ".lock"
+ENDED = b"ended\n"  # what a lock file says once its run was closed in its store
 KILL_ENV = "CLFRAME_TEST_KILL_AT"  # tests only: NAME or NAME@SIGNAL (SIGKILL by default)
 
 
@@ -165,10 +166,38 @@ class RunLock:
                                f"stop it (kill {pid}: the run is marked KILLED) and resume then")
         return self
 
-    def release(self) -> None:
+    def release(self, ended: bool = True) -> None:
+        """Let go; ``ended``: the run was closed in its store (FINISHED, FAILED or KILLED), which the
+        file then says, so that no later run takes it for one whose process died."""
         if self.handle is not None:
+            if ended:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self.handle, 0)
+                    os.pwrite(self.handle, ENDED, 0)
             os.close(self.handle)
             self.handle = None
+
+    def ended(self) -> bool:
+        try:
+            return self.path.read_bytes().startswith(ENDED)
+        except OSError:
+            return True  # no lock file: nothing to say about that run
+
+
+def abandoned_runs(checkpoint_dir: Path) -> Iterator[tuple[str, RunLock]]:
+    """Run folders of ``checkpoint_dir`` whose process died without closing its run (kill -9, a
+    power cut): yields (run id, its lock, now held by this process; release it)."""
+    if not checkpoint_dir.is_dir():
+        return
+    for folder in sorted(checkpoint_dir.iterdir()):
+        lock = RunLock(folder)
+        if not folder.is_dir() or lock.ended():
+            continue
+        try:
+            if lock.try_acquire():
+                yield folder.name, lock
+        except OSError:
+            continue
 
 
 def remove_orphan_temporaries(checkpoint_dir: Path, pattern: str = ".tmp-*.pt") -> list[Path]:
@@ -182,6 +211,7 @@ def remove_orphan_temporaries(checkpoint_dir: Path, pattern: str = ".tmp-*.pt") 
         if not orphans:
             continue
         lock = RunLock(folder)
+        ended = lock.ended()
         try:
             if not lock.try_acquire():
                 continue  # a live run owns this folder: its temporary file is being written now
@@ -193,5 +223,5 @@ def remove_orphan_temporaries(checkpoint_dir: Path, pattern: str = ".tmp-*.pt") 
                     path.unlink()
                     removed.append(path)
         finally:
-            lock.release()
+            lock.release(ended=ended)
     return removed

@@ -2,7 +2,14 @@
 checkpoint at every task boundary, and close the run with the right status.
 
 Nothing that looks like a result is written before the inputs are known to be good: the
-config, device, tracking server, data and model are all checked before the MLflow run opens.
+config, device, tracking server, data and model are all checked before the MLflow run opens, and
+so are the store (kind, writable, intact) and the checkpoint folder (writable).
+
+One process drives a run: it holds ``.lock`` beside the run's checkpoint (clframe.runfiles), so a
+second ``--resume`` is refused while the first lives, and a dead one's run is closed (KILLED) by
+the next run in that checkpoint folder. Every way a run ends leaves it FINISHED, FAILED or KILLED
+with its last good checkpoint intact; a resume of a checkpoint that holds every task finishes the
+bookkeeping its end would have done (a kill after the last task boundary).
 
 Under torchrun every rank runs this same function (clframe.distributed); only rank 0 opens the
 MLflow run (the others get a NullTracker and rank 0's run id) and writes checkpoints; a resume
@@ -30,7 +37,8 @@ from clframe.config import ResolvedConfig, RunConfig
 from clframe.engine import Engine, TrainingDiverged, resolve_device
 from clframe.errors import ClframeError
 from clframe.registry import SCENARIOS, STRATEGIES
-from clframe.runfiles import RunLock, check_writable_dir, is_disk_full, kill_point, remove_orphan_temporaries
+from clframe.runfiles import (RunLock, abandoned_runs, check_writable_dir, is_disk_full, kill_point,
+                              remove_orphan_temporaries)
 from clframe.tracking import (FallbackTracker, NullTracker, absolute_uri, check_reachable, check_store, git_commit,
                               refuse_file_store, resolve_uri, store_failure)
 from clframe.scenarios.base import Stream, check_class_order, class_order_record
@@ -38,7 +46,8 @@ from clframe.strategies.base import Strategy, StreamInfo
 
 # Keys that may differ between a run and its resumption (where and how fast it runs, not what it computes).
 RESUME_FREE_KEYS = {"run.progress", "run.tracking_uri", "run.checkpoint_dir", "run.eval_batch_size",
-                    "run.run_name", "run.device", "run.compile", "run.frozen_bf16", "run.keep_full_checkpoint"}
+                    "run.run_name", "run.device", "run.compile", "run.frozen_bf16", "run.keep_full_checkpoint",
+                    "run.system_metrics"}
 
 
 class RunInterrupted(BaseException):
@@ -354,7 +363,8 @@ def _drive(config: ResolvedConfig, device: torch.device, uri: str, saved: dict |
             checkpoint.save_atomic(payload, ckpt_path)
             written[0] = engine.state.tasks_done
             tracker.log_text(metrics.matrix_csv(engine.state.acc_matrix, i + 1), "acc_matrix.csv")
-            tracker.log_heatmap(engine.state.acc_matrix, i + 1)
+            if last_task:  # the CSV above is the per-task record; drawing a PNG costs ~0.1 s CPU each
+                tracker.log_heatmap(engine.state.acc_matrix, i + 1)
             for name, text in engine.last_report.artifacts.items():
                 tracker.log_text(text, f"task_{i}/{name}")
         kill_point(f"after_task_{i + 1}")
@@ -382,6 +392,8 @@ def _drive(config: ResolvedConfig, device: torch.device, uri: str, saved: dict |
             ckpt_path = resume_path if saved else checkpoint.checkpoint_path(run.checkpoint_dir, run_id)
             if main and not saved:
                 locks.append(RunLock(ckpt_path.parent).acquire(run_id))
+            if main:
+                close_abandoned_runs(tracker, Path(run.checkpoint_dir).expanduser(), run_id)
             engine = Engine(config, stream, strategy, device, tracker.log_metrics, on_task_end)
             if main:
                 echo(f"{run_header(config, stream, strategy, device)} | MLflow run {run_id}")
@@ -440,6 +452,22 @@ def _drive(config: ResolvedConfig, device: torch.device, uri: str, saved: dict |
         tracker.end("FINISHED")
     return RunResult(tracker.run_id, acc_matrix, summary, wall_s, engine.timer.rate("train"),
                      engine.timer.rate("eval"), ckpt_path, tracker.uri)
+
+
+def close_abandoned_runs(tracker, checkpoint_dir: Path, own_run_id: str) -> None:
+    """Mark KILLED the runs of this store that were left RUNNING by a process that died (kill -9
+    before or between checkpoints) in this checkpoint folder: no run stays RUNNING without a live
+    process. Those with a checkpoint can still be resumed. Best effort, never stops this run."""
+    client = getattr(tracker, "client", None)
+    for run_id, lock in abandoned_runs(checkpoint_dir):
+        try:
+            if run_id != own_run_id and client is not None and client.get_run(run_id).info.status == "RUNNING":
+                client.set_tag(run_id, "clframe.closed_by", f"run {own_run_id}: the process driving it had died")
+                client.set_terminated(run_id, status="KILLED")
+        except Exception:  # noqa: BLE001 - a run of another store, or none: leave it
+            lock.release(ended=False)
+            continue
+        lock.release(ended=True)
 
 
 def _write_failure(exc: BaseException, uri: str | None) -> tuple[str, str] | None:

@@ -210,11 +210,13 @@ class RaySearch:
 
     def run_children(self, parent, children, configs: list[ResolvedConfig], fail_fast: bool, failures: list[str],
                      echo: Callable[[str], None]) -> int:
+        from clframe.runner import RunInterrupted
         from clframe.tracking import resolve_uri
 
         base, search = configs[0], self.search
         self.check(base)
         points, rewards, done = self.earlier_trials(parent, base.run.experiment)
+        self.done = done
         remaining = search.trials - done
         if self.resume_parent:
             echo(f"resuming search {parent.run_id}: {done} of {search.trials} trials done, {remaining} to run")
@@ -230,9 +232,16 @@ class RaySearch:
             with shared_tracking(resolve_uri(base.run.tracking_uri), alive_nodes(ray), echo) as uri:
                 prefix = f"{base.run.strategy}-{base.run.scenario}-{time.strftime('%m%d-%H%M%S')}"
                 base.run = dataclasses.replace(base.run, device=device_for(base.run.device, gpus))
-                results = self._fit(ray, base, parent.run_id, uri, prefix, gpus, remaining, points, rewards, fail_fast,
-                                    echo)
+                try:
+                    results = self._fit(ray, base, parent.run_id, uri, prefix, gpus, remaining, points, rewards,
+                                        fail_fast, echo)
+                except (KeyboardInterrupt, RunInterrupted):
+                    stop_running(uri, parent.run_id, base.run.experiment, "interrupted")
+                    echo(f"the search's unfinished trials are KILLED; run the rest with the same command and "
+                         f"--resume {parent.run_id}")
+                    raise
                 self._close(results, parent, uri, prefix, base, failures, echo)
+                stop_running(uri, parent.run_id, base.run.experiment, "stopped when the search ended")
         return len(configs)
 
     def _fit(self, ray, base, parent_run_id, uri, prefix, gpus, trials, points, rewards, fail_fast, echo):
@@ -240,18 +249,19 @@ class RaySearch:
         from ray.tune.schedulers import ASHAScheduler
 
         search = self.search
+        seed = search.seed + self.done  # resumed: new draws, not the first ones again
         if search.algorithm == "optuna":
             import optuna
             from ray.tune.search.optuna import OptunaSearch
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-            algorithm = OptunaSearch(seed=search.seed, points_to_evaluate=points or None,
+            algorithm = OptunaSearch(seed=seed, points_to_evaluate=points or None,
                                      evaluated_rewards=rewards or None)
         else:
             from ray.tune.search.basic_variant import BasicVariantGenerator
 
-            algorithm = BasicVariantGenerator(random_state=search.seed, max_concurrent=self.options.parallel or 0)
+            algorithm = BasicVariantGenerator(random_state=seed, max_concurrent=self.options.parallel or 0)
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=10_000, grace_period=search.grace_tasks,
                                    reduction_factor=search.reduction_factor) if search.scheduler == "asha" else None)
         threads = max(1, int(self.options.cpus_per_run))
@@ -283,7 +293,6 @@ class RaySearch:
 
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(base.run.experiment)
-        best = None
         for result in results:
             trial_id = (result.metrics or {}).get("trial_id") or _trial_id(result.path)
             name = f"{prefix}-{trial_id}"
@@ -303,16 +312,17 @@ class RaySearch:
                 client.set_tag(run.info.run_id, "clframe.stopped_early", f"by {self.search.scheduler} after task {tasks}")
                 if run.info.status == "RUNNING":
                     client.set_terminated(run.info.run_id, status="KILLED")
-                continue
-            value = (result.metrics or {}).get(self.search.metric)
-            if run is not None and run.info.status == "FINISHED" and value is not None:
-                better = best is None or (value > best[0] if self.search.mode == "max" else value < best[0])
-                if better:
-                    best = (value, result.config, run.info.run_id)
-        if best is None:
+        finished = [run for run in client.search_runs([experiment.experiment_id], max_results=5000, filter_string=(
+            f"tags.`mlflow.parentRunId` = '{parent.run_id}' and attributes.status = 'FINISHED'"))
+            if self.search.metric in run.data.metrics]  # this search's trials and, resumed, the earlier ones
+        if not finished:
             echo("search: no trial ran to its end, so there is no best configuration")
             return
-        value, params, run_id = best
+        sign = 1 if self.search.mode == "max" else -1
+        best = max(finished, key=lambda run: sign * run.data.metrics[self.search.metric])
+        value, run_id = best.data.metrics[self.search.metric], best.info.run_id
+        params = {key: _typed(best.data.params[key if "." in key else f"run.{key}"], spec)
+                  for key, spec in self.space.items()}
         command = shlex.join(self.base_command + [a for item in as_sets(params) for a in ("--set", item)])
         config = apply_params(base, params)
         config.run = dataclasses.replace(config.run, run_name=None, tracking_uri=base.run.tracking_uri)
@@ -321,6 +331,18 @@ class RaySearch:
         echo(f"\nbest trial: run {run_id}, {self.search.metric} {value:.2f} with "
              f"{', '.join(f'{k}={v}' for k, v in as_flat(params).items())}")
         echo(f"best config (also in the parent run as best_config.yaml):\n  {command}")
+
+
+def stop_running(uri: str, parent_run_id: str, experiment: str, why: str) -> None:
+    """Mark KILLED the trials whose actor Tune stopped before their run could close itself."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    for run in client.search_runs([found.experiment_id], max_results=5000, filter_string=(
+            f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'")) if found else []:
+        client.set_tag(run.info.run_id, "clframe.stopped", why)
+        client.set_terminated(run.info.run_id, status="KILLED")
 
 
 def as_flat(params: dict) -> dict:

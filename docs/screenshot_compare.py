@@ -1,32 +1,31 @@
-"""Make docs/compare.png: the MLflow UI's compare page for three clframe runs of one sweep.
+"""Make the README's picture of the MLflow UI: docs/ui_charts.png.
 
-    python docs/screenshot_compare.py [--out docs/compare.png]
+    python docs/screenshot_compare.py [--store sqlite:///PATH/mlflow.db] [--out-dir docs]
 
-It runs a short sweep of three strategies on the offline Split Digits stream (tiny ViT, CPU,
-about a minute) into a temporary sqlite store, starts ``mlflow server`` on it at 127.0.0.1, opens
-the compare page of the three runs in headless Chromium and saves the screenshot. Where no
-Chromium is installed it says so and exits 0 (``apt-get install chromium`` on Debian).
+Without ``--store`` it first runs the README's sweep (3 strategies x 3 seeds on the offline
+Split Digits stream, ``--set epochs=1`` to keep it to a few minutes on a CPU) into a temporary
+sqlite store. It serves the store as ``clframe ui`` does (one lean ``mlflow server``), opens the
+URL ``clframe ui`` prints (the experiment's runs, in the UI's "Model training" view) in chart mode in
+headless Chromium, and saves ``ui_charts.png``: with the sweep's parent row collapsed, its
+per-strategy sections plot the mean (and std) over seeds of acc_avg, acc_seen, acc_inc_avg,
+forgetting and bwt against the step = task index. (MLflow 3's run table shows no metric columns
+until they are picked under "Columns", so a picture of the table would show names and dates only.)
+
+Where no Chromium is installed it says so and exits 0 (``apt-get install chromium`` on Debian).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 STRATEGIES = ("linear", "bitfit", "finetune")
-TINY = ["--set", "model_kwargs={patch_size: 8, depth: 2, embed_dim: 32, num_heads: 2, weight_init: moco}",
-        "--set", "image_size=16", "--set", "epochs=1", "--no-progress"]
+SEEDS = "0,1,2"
 
 
 def free_port() -> int:
@@ -35,74 +34,59 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(store: str, port: int, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--host",
-                               "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
-            return server
-        except OSError:
-            time.sleep(0.3)
-    stop(server)
-    raise SystemExit(f"mlflow server did not start; its log: {log}")
-
-
-def stop(server: subprocess.Popen) -> None:
-    if server.poll() is None:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+def shoot(browser: str, url: str, out: Path, size: str, profile: Path) -> None:
+    out.unlink(missing_ok=True)
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+               f"--user-data-dir={profile}", f"--screenshot={out}", f"--window-size={size}",
+               "--virtual-time-budget=45000", url]
+    print("opening", url, flush=True)
+    subprocess.run(command, check=True, timeout=300, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if not out.is_file():
+        raise SystemExit(f"Chromium wrote no screenshot to {out}")
+    print(f"wrote {out} ({out.stat().st_size // 1024} KiB)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(Path(__file__).with_name("compare.png")))
-    parser.add_argument("--window-size", default="1400,900", help="WIDTH,HEIGHT of the browser window")
-    parser.add_argument("--store", help="an existing sqlite:///... store with a clframe sweep (skips the sweep)")
+    parser.add_argument("--out-dir", default=str(Path(__file__).parent))
+    parser.add_argument("--window-size", default="1500,950", help="WIDTH,HEIGHT of the browser window")
+    parser.add_argument("--store", help="an existing sqlite:///... store holding a clframe sweep (skips the sweep)")
+    parser.add_argument("--experiment", default="clframe")
     args = parser.parse_args()
     browser = next((found for name in BROWSERS if (found := shutil.which(name))), None)
     if browser is None:
         print("skipped: no Chromium found (apt-get install chromium, or put chrome on PATH)")
         return
+    from clframe.ui import find_experiment, runs_view_url, server_command, wait_until_up
+
     with tempfile.TemporaryDirectory(prefix="clframe-shot-") as tmp:
         tmp = Path(tmp)
         store = args.store or f"sqlite:///{tmp}/mlflow.db"
-        sweep = [sys.executable, "-m", "clframe", "run", *[a for s in STRATEGIES for a in ("--strategy", s)], *TINY,
-                 "--tracking-uri", store, "--run-name", "digits-strategies", "--set", f"checkpoint_dir={tmp}/ckpt"]
-        print("running a sweep of", ", ".join(STRATEGIES), "...", flush=True)
         if not args.store:
+            sweep = [sys.executable, "-m", "clframe", "run", *[a for s in STRATEGIES for a in ("--strategy", s)],
+                     "--seeds", SEEDS, "--set", "epochs=1", "--no-progress", "--tracking-uri", store,
+                     "--run-name", "paper-table", "--set", f"checkpoint_dir={tmp}/ckpt"]
+            print("running", " ".join(sweep[2:]), flush=True)
             subprocess.run(sweep, cwd=tmp, check=True, stdout=subprocess.DEVNULL)
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(store)
-        experiment = client.get_experiment_by_name("clframe")
-        runs = client.search_runs([experiment.experiment_id], filter_string="tags.`mlflow.parentRunId` != ''",
-                                  order_by=["metrics.acc_avg DESC"])
-        run_ids = [run.info.run_id for run in runs if "acc_avg" in run.data.metrics][:3]
+        experiment_id = find_experiment(store, args.experiment)
         port = free_port()
-        server = start_server(store, port, tmp / "server.log")
+        command, env = server_command(store, "127.0.0.1", port, workers=1)
+        with (tmp / "server.log").open("w") as log:
+            server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            query = urllib.parse.urlencode({"runs": json.dumps(run_ids), "experiments": json.dumps([experiment.experiment_id])})
-            url = f"http://127.0.0.1:{port}/#/compare-runs?{query}"
-            out = Path(args.out).resolve()
-            out.unlink(missing_ok=True)
-            command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                       "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-                       f"--user-data-dir={tmp / 'chromium'}", f"--screenshot={out}", f"--window-size={args.window_size}",
-                       "--virtual-time-budget=30000", url]
-            print("opening", url, flush=True)
-            subprocess.run(command, check=True, timeout=180, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            base = f"http://127.0.0.1:{port}"
+            wait_until_up(server, base)
+            runs = runs_view_url(base, experiment_id)
+            out_dir = Path(args.out_dir).resolve()
+            shoot(browser, runs + "&compareRunsMode=CHART", out_dir / "ui_charts.png", args.window_size,
+                  tmp / "chromium")
         finally:
-            stop(server)
-    if not out.is_file():
-        raise SystemExit(f"Chromium wrote no screenshot to {out}")
-    print(f"wrote {out} ({out.stat().st_size // 1024} KiB)")
+            import os
+            import signal
+
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ class ICaRL(RehearsalStrategy):
         buffer, task = self.buffer, experience.task_id
         labels = experience.train_labels.to(task_images.device)
         new = sorted(set(labels.tolist()))
-        m = buffer.capacity // (len(buffer.groups()) + len(new))
+        m = buffer.capacity // max(len(buffer.groups()) + len(new), 1)
         if buffer.size:
             buffer.keep(torch.nonzero(buffer.ranks[:buffer.size] < m).flatten())
         features = self.normalised_features(task_images, labels)
@@ -114,7 +114,8 @@ class ICaRL(RehearsalStrategy):
         stats = None
         for flip in (False, True) if self.run_config.train_aug else (False,):
             features = self.normalised_features(images, labels, flip)
-            stats = stats or ClassStatistics(self.info.n_classes, features.shape[1], device=features.device)
+            if stats is None:
+                stats = ClassStatistics(self.info.n_classes, features.shape[1], device=features.device)
             stats.update(features, labels)
         return F.normalize(stats.means().float(), dim=1)
 

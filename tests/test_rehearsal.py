@@ -245,7 +245,7 @@ def test_every_new_strategy_runs_on_a_domain_il_stream():
 def test_every_new_strategy_runs_offline_with_its_defaults_and_logs_to_mlflow(tmp_path, monkeypatch):
     scenario = "split_digits"
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(tracking.MlflowTracker, "log_heatmap", lambda *args, **kwargs: None)  # matplotlib: half the time
+    monkeypatch.setattr(tracking.MlflowTracker, "log_heatmap", lambda *args, **kwargs: None)  # matplotlib's time
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
     for name in NEW:

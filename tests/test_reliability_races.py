@@ -507,6 +507,10 @@ def test_low_orphan_temporary_checkpoint_is_removed_by_the_next_run(world):
     assert results["tmp-next"]["code"] == 0, results["tmp-next"]["stderr"][-3000:]
     assert not list((root / "tmp").rglob(".tmp-*"))
     assert len(checkpoints(root / "tmp")) == 1  # the killed run wrote none; the next one its own
+    _, found = runs(root / "tmp")  # and the killed run is not left RUNNING with no process behind it
+    killed = next(r for r in found if r.info.run_id not in results["tmp-next"]["stdout"])
+    assert {r.info.status for r in found} == {"FINISHED", "KILLED"} and killed.info.status == "KILLED"
+    assert "the process driving it had died" in killed.data.tags["clframe.closed_by"]
 
 
 def test_low_resume_after_the_store_was_deleted_is_one_line_and_makes_no_new_store(world):
