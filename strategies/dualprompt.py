@@ -9,7 +9,7 @@ key/value prefixes or as tokens (:mod:`clframe.prefix_prompts`); the head reads 
 
 Unlike the reference (its issue #8: the prompt is reshaped, not permuted, before the key/value
 split) every image gets the E-prompt's key half as key prefix and its value half as value prefix.
-See DESIGN.md. With ``--joint`` the stream is one task: one E-prompt, always chosen.
+docs/design.md describes the reference. With ``--joint`` the stream is one task: one E-prompt, always chosen.
 """
 from __future__ import annotations
 

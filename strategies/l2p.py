@@ -4,7 +4,7 @@ A frozen ViT; a pool of prompts with learned keys. The query is the frozen model
 feature of the unprompted image (no autograd); the prompts whose keys are most cosine-similar are
 inserted after [CLS], each prompt token carrying the [CLS] position embedding, and the head reads
 the mean of the prompt tokens' outputs after the final norm. Training adds the pull term
-``-pull_coef * reduce_sim``. Only prompts, keys and head train. See DESIGN.md for the reference.
+``-pull_coef * reduce_sim``. Only prompts, keys and head train. docs/design.md describes the reference.
 """
 from __future__ import annotations
 

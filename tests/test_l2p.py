@@ -181,7 +181,7 @@ def test_prompted_forward_matches_a_hand_computation():
 
 
 def test_training_loss_matches_a_reference_style_computation():
-    """DESIGN.md's recipe written out step by step: query, top-N, batchwise vote, prompted
+    """The reference's recipe (docs/design.md) written out step by step: query, top-N, batchwise vote, prompted
     sequence with extended position embedding, prompt-mean head, masked CE - 0.1 * reduce_sim."""
     strategy = make_l2p(n_classes=4, train_mask="current").train()
     strategy.before_task(experience(0, [1, 2]))
