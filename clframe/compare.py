@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clframe.errors import ClframeError
-from clframe.runsets import (HIGHER_IS_BETTER, PARENT_TAG, TASK_METRICS, Group, RunRecord, differing_keys,
-                             group_records, is_parent, short_key, to_record)
+from clframe.runsets import (HIGHER_IS_BETTER, PARENT_TAG, TASK_METRICS, RunRecord, differing_keys, group_records,
+                             is_parent, short_key, to_record)
 from clframe.tracking import check_reachable
 
 FORMATS = ("table", "csv", "json", "markdown", "latex")

@@ -1,7 +1,7 @@
 """``clframe ui``: the MLflow UI on a local store, opened on the experiment's runs, and run lean.
 
 ``mlflow ui`` starts uvicorn with 4 workers plus MLflow's job runner (huey consumers for GenAI
-jobs): measured on this repository's 2-core CI machine, 15 processes and 1.91 GiB RSS, 78 s until
+jobs): measured on a busy 2-core development machine, 15 processes and 1.91 GiB RSS, 78 s until
 it answered. Browsing a local store needs none of that: ``mlflow server --workers 1`` with
 ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false`` is 2 processes and 0.48 GiB RSS, answering in 16 s
 (``--workers N`` gives more). The URL printed opens the runs table of the experiment in the UI's

@@ -273,6 +273,22 @@ def test_latex_is_booktabs_with_best_bold_and_escapes(seeds_store):
                            catch_exceptions=False)
 
 
+def test_ui_opens_the_runs_view_of_a_tagged_experiment_and_runs_lean(synthetic_store):
+    from clframe.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+    from clframe.ui import find_experiment, runs_view_url, server_command
+
+    uri, client = synthetic_store[:2]
+    experiment_id = find_experiment(uri, "clframe")  # made without the tag (as an older clframe did): tagged now
+    assert client.get_experiment(experiment_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    assert runs_view_url("http://h:1", experiment_id) == \
+        f"http://h:1/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    assert find_experiment(uri, "nope") is None and runs_view_url("http://h:1", None).endswith("#/experiments?"
+                                                                                                "workflowType=machine_learning")
+    command, env = server_command(uri, "127.0.0.1", 5000, 1)
+    assert command[2:4] == ["mlflow", "server"] and command[command.index("--workers") + 1] == "1"
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+
+
 # ----- sweeps -----
 def test_sweep_plan_expands_strategies_runs_and_grid(tmp_path):
     sweep = tmp_path / "sweep.yaml"
