@@ -4,15 +4,20 @@ A learned per-channel ``x * scale + shift`` after the patch embedding, after eve
 ``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp.fc1``, ``mlp.fc2`` and after the final
 norm: the placement of LAMDA-PILOT's ``backbone/vit_ssf.py`` (scale ~ N(1, 0.02), shift ~
 N(0, 0.02), its ``init_ssf_scale_shift``). The backbone is not modified: ``features`` attaches
-the affine maps as forward hooks for the one call and runs timm's own forward (clframe's fast
-paths read weights directly and would skip them), so the same backbone still gives the
-unmodified features everywhere else (APER concatenates both).
+the affine maps as forward hooks for the one call, so the same backbone still gives the
+unmodified features everywhere else (APER concatenates both). The forward is walked by hand
+(patch embedding, then each block's attention and MLP branches, then the final norm and pooling),
+calling the hooked submodules themselves: a block compiled by the GPU fast path
+(``clframe.fastpath.compile_blocks``) would otherwise run its graph, which torch 2.14 does not
+re-trace for hooks added later (``skip_nnmodule_hook_guards``), and SSF would be silently dropped;
+clframe's fast patch embedding (``vit.patch_tokens``) would skip the ``patch_embed.proj`` hook too.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from clframe import vit
 from clframe.errors import ClframeError
 
 BLOCK_TARGETS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
@@ -69,3 +74,13 @@ class SSF(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _walked_features(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """timm's ``forward_features`` + pre-logits ``forward_head`` of a pre-norm ViT, with every
+    hooked submodule called directly (never a compiled block, never the fused patch embedding)."""
+    x = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(backbone.patch_embed(images))))
+    for blk in backbone.blocks:
+        x = x + vit.attn_branch(blk, x)
+        x = x + vit.mlp_branch(blk, x)
+    return vit.pooled(backbone, x)

@@ -177,6 +177,24 @@ def test_ssf_at_identity_is_the_frozen_model_and_its_last_shift_moves_the_featur
     assert torch.allclose(frozen_features(strategy.backbone, images), frozen)  # no hook stays behind
 
 
+def test_ssf_is_kept_when_the_blocks_are_compiled():
+    """The GPU fast path compiles the blocks; a graph traced without SSF's hooks (the frozen features
+    APER computes first) must not be reused for SSF's features (torch's skip_nnmodule_hook_guards)."""
+    config = resolve("aper", "split_digits", "aper.peft=ssf")
+    strategy = runner.build_strategy(config, runner.build_stream(config))
+    images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for shift in strategy.ssf.shifts:
+            shift.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
+        eager = strategy.ssf.features(strategy.backbone, images)
+        frozen = frozen_features(strategy.backbone, images)
+        assert not torch.allclose(eager, frozen, atol=1e-3)
+        for block in strategy.backbone.blocks:  # as clframe.fastpath.compile_blocks, without Inductor
+            block.compile(backend="eager")
+        assert torch.allclose(frozen_features(strategy.backbone, images), frozen, atol=1e-5)  # traced hook-free
+        assert torch.allclose(strategy.ssf.features(strategy.backbone, images), eager, atol=1e-5)
+
+
 # ----- every strategy, end to end -----
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
