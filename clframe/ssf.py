@@ -70,7 +70,7 @@ class SSF(nn.Module):
         try:
             for k, name in enumerate(self.names):
                 handles.append(named[name].register_forward_hook(hook_for(k)))
-            return backbone.forward_head(backbone.forward_features(images), pre_logits=True)
+            return _walked_features(backbone, images)
         finally:
             for handle in handles:
                 handle.remove()
