@@ -107,12 +107,14 @@ def run(scenario, strategies, config_file, sets, resume, no_progress, sweep_file
         options["progress"] = False
     if sweep_file or len(strategies) > 1 or seeds:
         from clframe.parallel_sweep import RayOptions, run_on_ray
-        from clframe.sweep import parse_seeds, plan_sweep, run_sweep
+        from clframe.sweep import parse_seeds, plan_sweep, run_sweep, sets_seed
 
         ray_options = RayOptions(parallel, ray_address, gpus_per_run, cpus_per_run)
         plan = plan_sweep(list(strategies), sweep_file, parse_seeds(seeds, "--seeds") if seeds else None)
         if plan.seeds and options.get("seed") is not None:
             raise ClframeError("--seed and --seeds (or seeds: in the sweep file) both choose the seed; keep one")
+        if plan.seeds and sets_seed(list(sets)):
+            raise ClframeError("--set seed=N and --seeds (or seeds: in the sweep file) both choose the seed; keep one")
         if ray_options.requested or plan.search:  # several runs at once, or a search: on Ray
             if distributed.launched() or (nproc or 1) > 1:
                 raise ClframeError("--gpus is for one run; a parallel sweep gives each run --gpus-per-run GPUs")
@@ -136,9 +138,12 @@ def run(scenario, strategies, config_file, sets, resume, no_progress, sweep_file
         import torch
 
         from clframe.engine import resolve_device
+        from clframe.registry import STRATEGIES
+        from clframe.strategies.baseline import check_one_process
 
         asked = config.run.device  # auto means GPUs here: --gpus on a machine without them is refused
         distributed.check_processes(nproc, torch.device("cuda") if asked == "auto" else resolve_device(asked))
+        check_one_process(STRATEGIES.get(config.run.strategy).obj, nproc)
         _launch_torchrun(nproc)  # the config is known to be good: its errors stay one line
     result = run_experiment(config, resume=resume, echo=click.echo)
     if not distributed.launched() or int(os.environ["RANK"]) == 0:

@@ -22,7 +22,7 @@ from pathlib import Path
 from clframe.errors import ClframeError
 from clframe.runsets import (HIGHER_IS_BETTER, PARENT_TAG, TASK_METRICS, RunRecord, differing_keys, group_records,
                              is_parent, short_key, to_record)
-from clframe.tracking import check_reachable
+from clframe.tracking import check_reachable, check_sqlite_intact, sqlite_file
 
 FORMATS = ("table", "csv", "json", "markdown", "latex")
 STATUSES = ("FINISHED", "FAILED", "KILLED", "RUNNING", "SCHEDULED")
@@ -49,10 +49,12 @@ class Section:
 
 
 def open_store(uri: str):
-    """An MlflowClient on ``uri``; refuses to create an empty local store by reading a missing one."""
-    match = re.match(r"sqlite:///(.+)", uri)
-    if match and not Path(match.group(1)).exists():
+    """An MlflowClient on ``uri``; refuses, in one line, to create an empty local store by reading a
+    missing one, and to read a damaged one."""
+    path = sqlite_file(uri)  # the file of sqlite:///FILE, any ?query left out
+    if path is not None and not path.exists():
         raise ClframeError(f"no MLflow store at {uri} (run clframe run here first, or pass --tracking-uri)")
+    check_sqlite_intact(uri)
     check_reachable(uri)
     from mlflow.tracking import MlflowClient
 

@@ -97,6 +97,14 @@ class RunConfig:
                                         "trainable state only once the run is done; it is the one copy)")
 
 
+# The run keys that say where and how fast a run goes, never what it computes: they may differ between a
+# run and its resumption (clframe.runner), and they never split a seed group in clframe compare
+# (clframe.runsets.NEUTRAL adds the seed and the names of where results and data live).
+RESUME_FREE_KEYS = frozenset({"run.progress", "run.tracking_uri", "run.checkpoint_dir", "run.eval_batch_size",
+                              "run.run_name", "run.device", "run.compile", "run.frozen_bf16",
+                              "run.keep_full_checkpoint", "run.system_metrics"})
+
+
 def field_help(cls: type) -> dict[str, str]:
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 

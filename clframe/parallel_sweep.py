@@ -28,23 +28,20 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from clframe.config import ResolvedConfig
+from clframe.config import RESUME_FREE_KEYS, ResolvedConfig
 from clframe.errors import ClframeError
+from clframe.mlflow_server import local_mlflow_server
+from clframe.tracking import absolute_uri
 
 INSTALL_HINT = "pip install 'clframe[sweep]'  (that is: pip install 'ray[tune]>=2.9' 'optuna>=3')"
 CANCEL_GRACE_S = 20.0  # how long a cancelled run may take to mark itself KILLED before its worker is killed
-SERVER_START_S = 120.0
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 
 
@@ -123,61 +120,18 @@ def check_resources(ray, cpus: float, gpus: float, device: str) -> None:
 
 
 # ----- tracking: one MLflow store that several processes can write at once -----
-def free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def healthy(url: str) -> bool:
-    import urllib.request
-
-    try:
-        return urllib.request.urlopen(url + "/health", timeout=2).read().strip() == b"OK"
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def mlflow_server(store_uri: str, echo: Callable[[str], None]) -> Iterator[str]:
     """A local ``mlflow server`` on ``store_uri`` for the block's duration; yields its URL.
 
     Artifacts are not proxied: a run writes them where the embedded store would (``./mlruns``
-    here), so the store reads the same with or without the server afterwards. The server has its
-    own session (a Ctrl-C meant for the sweep does not stop it before the runs are marked) and is
-    stopped, with the processes it started, when the block ends."""
-    from clframe.tracking import absolute_uri
-
-    store_uri = absolute_uri(store_uri)
-    url = f"http://127.0.0.1:{free_port()}"
-    log = tempfile.NamedTemporaryFile("w+", prefix="clframe-mlflow-server-", suffix=".log", delete=False)
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store_uri,
-               "--default-artifact-root", str(Path.cwd() / "mlruns"), "--no-serve-artifacts",
-               "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--workers", "1"]
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no job-runner processes
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + SERVER_START_S
-        while not healthy(url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = Path(log.name).read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-                raise ClframeError(f"the local MLflow server for the sweep's parallel runs did not start on {store_uri} "
-                                   f"({tail[0][:200]}); pass --tracking-uri http://HOST:PORT of a running server")
-            time.sleep(0.25)
-        echo(f"parallel runs log through a local MLflow server at {url} on {store_uri} (stopped when the sweep ends)")
+    here), so the store reads the same with or without the server afterwards."""
+    with local_mlflow_server(store_uri, artifact_root=Path.cwd() / "mlruns",
+                             hint="pass --tracking-uri http://HOST:PORT of a running server") as server:
+        echo(f"parallel runs log through a local MLflow server at {server.url} on {absolute_uri(store_uri)} "
+             f"(stopped when the sweep ends)")
         with _env(MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true"):  # links to this server die with it
-            yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
-        Path(log.name).unlink(missing_ok=True)
+            yield server.url
 
 
 @contextlib.contextmanager
@@ -210,6 +164,13 @@ def shared_tracking(uri: str, nodes: int, echo: Callable[[str], None]) -> Iterat
         yield url
 
 
+def server_for_runs(store: str, uri: str) -> str | None:
+    """The server a child logs to ``store`` through (what ``shared_tracking(store)`` yielded, unless
+    it is the store itself). It goes to the run apart from its config (``tracking.logging_through``):
+    the config and checkpoint keep the store, so a run resumed by hand after the sweep reaches it."""
+    return None if uri == store else uri
+
+
 # ----- what runs in a Ray worker -----
 def enter_driver_folder(folder: str) -> None:
     """Relative paths and ``module:Class`` names mean in a worker what they mean where the sweep started.
@@ -221,15 +182,19 @@ def enter_driver_folder(folder: str) -> None:
             sys.path.insert(0, folder)
 
 
-def run_child(config: ResolvedConfig, parent_run_id: str, resume: str | None, folder: str, threads: int):
-    """One child run in a Ray worker; returns the runner's RunResult (errors travel back to the driver)."""
+def run_child(config: ResolvedConfig, parent_run_id: str, resume: str | None, folder: str, threads: int,
+              server: str | None = None):
+    """One child run in a Ray worker, logging through ``server`` if given; returns the runner's
+    RunResult (errors travel back to the driver)."""
     import torch
 
     from clframe.runner import run_experiment
+    from clframe.tracking import logging_through, resolve_uri
 
     enter_driver_folder(folder)
     torch.set_num_threads(threads)
-    return run_experiment(config, resume=resume, parent_run_id=parent_run_id, echo=lambda text: None)
+    with logging_through(resolve_uri(config.run.tracking_uri), server):
+        return run_experiment(config, resume=resume, parent_run_id=parent_run_id, echo=lambda text: None)
 
 
 def failure_message(exc: BaseException) -> str:
@@ -250,8 +215,6 @@ def finished_runs(client, parent_run_id: str, experiment_id: str) -> list:
 
 def compared_keys(config: ResolvedConfig) -> set[str]:
     """The config keys that make two children the same run (all but where and how fast it runs)."""
-    from clframe.runner import RESUME_FREE_KEYS
-
     return set(config.flatten()) - RESUME_FREE_KEYS
 
 
@@ -272,6 +235,29 @@ class Pending:
     resume: str | None = None  # run id of a KILLED child that continues from its checkpoint
 
 
+def unfinished(todo: list[Pending], runs: list, has_checkpoint: Callable[[Pending, str], bool]) -> list[Pending]:
+    """The children of ``todo`` that no FINISHED run of ``runs`` matches; one that a KILLED run with a
+    checkpoint matches continues from it, under that run's name. Each child is compared on its own
+    keys: children of other strategies or scenarios have other config sections."""
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    killed = [r for r in runs if r.info.status == "KILLED"]
+    remaining = []
+    for item in todo:
+        keys, key = compared_keys(item.config), config_key(item.config)
+        done = next((r for r in finished if run_key(r, keys) == key), None)
+        if done is not None:
+            finished.remove(done)
+            continue
+        stopped = next((r for r in killed if run_key(r, keys) == key), None)
+        if stopped is not None:
+            killed.remove(stopped)
+            if has_checkpoint(item, stopped.info.run_id):
+                item.resume = stopped.info.run_id
+                item.config.run = dataclasses.replace(item.config.run, run_name=stopped.info.run_name)
+        remaining.append(item)
+    return remaining
+
+
 class RaySweep:
     """Runs a sweep's children on Ray (``run_sweep(..., execution=RaySweep(...))``)."""
 
@@ -288,21 +274,8 @@ class RaySweep:
 
         experiment = parent.client.get_experiment_by_name(configs[0].run.experiment)
         runs = finished_runs(parent.client, parent.run_id, experiment.experiment_id)
-        keys = compared_keys(configs[0])
-        finished = [run_key(r, keys) for r in runs if r.info.status == "FINISHED"]
-        killed = {run_key(r, keys): r for r in runs if r.info.status == "KILLED"}
-        remaining = []
-        for item in todo:
-            key = config_key(item.config)
-            if key in finished:
-                finished.remove(key)
-                continue
-            stopped = killed.pop(key, None)
-            if stopped is not None and checkpoint.checkpoint_path(item.config.run.checkpoint_dir,
-                                                                  stopped.info.run_id).is_file():
-                item.resume = stopped.info.run_id
-                item.config.run = dataclasses.replace(item.config.run, run_name=stopped.info.run_name)
-            remaining.append(item)
+        remaining = unfinished(todo, runs, lambda item, run_id: checkpoint.checkpoint_path(
+            item.config.run.checkpoint_dir, run_id).is_file())
         echo(f"resuming sweep {parent.run_id}: {len(todo) - len(remaining)} of {len(todo)} runs already finished, "
              f"{sum(1 for p in remaining if p.resume)} continue from a checkpoint")
         return remaining
@@ -316,28 +289,29 @@ class RaySweep:
         if not todo:
             return len(configs)
         stamp = time.strftime("%m%d-%H%M%S")
+        store = resolve_uri(configs[0].run.tracking_uri)
         with ray_session(self.options) as ray:
             device = configs[0].run.device
             gpus = gpus_for_each_run(ray, self.options, device)
             check_resources(ray, self.options.cpus_per_run, gpus, device)
-            with shared_tracking(resolve_uri(configs[0].run.tracking_uri), alive_nodes(ray), echo) as uri:
-                for item in todo:
+            with shared_tracking(store, alive_nodes(ray), echo) as uri:
+                for item in todo:  # the store stays in the config (and checkpoint); the server goes to run_child
                     item.config.run = dataclasses.replace(
-                        item.config.run, tracking_uri=uri, progress=False, device=device_for(device, gpus),
+                        item.config.run, progress=False, device=device_for(device, gpus),
                         run_name=item.config.run.run_name or f"{item.config.run.strategy}-{item.config.run.scenario}"
                                                              f"-{stamp}-{item.index}")
                 task = ray.remote(run_child).options(num_cpus=self.options.cpus_per_run, num_gpus=gpus, max_retries=0)
-                return _Flight(ray, task, parent, uri, len(configs), fail_fast, failures, echo,
-                               self.options.parallel or len(todo),
+                return _Flight(ray, task, parent, uri, server_for_runs(store, uri), len(configs), fail_fast, failures,
+                               echo, self.options.parallel or len(todo),
                                max(1, int(self.options.cpus_per_run))).run(todo, self.resume_parent)
 
 
 class _Flight:
     """The driver's loop: keep up to ``limit`` runs in flight, collect results, stop on request."""
 
-    def __init__(self, ray, task, parent, uri: str, total: int, fail_fast: bool, failures: list[str],
-                 echo: Callable[[str], None], limit: int, threads: int) -> None:
-        self.ray, self.task, self.parent, self.uri, self.total = ray, task, parent, uri, total
+    def __init__(self, ray, task, parent, uri: str, server: str | None, total: int, fail_fast: bool,
+                 failures: list[str], echo: Callable[[str], None], limit: int, threads: int) -> None:
+        self.ray, self.task, self.parent, self.uri, self.server, self.total = ray, task, parent, uri, server, total
         self.fail_fast, self.failures, self.echo, self.limit, self.threads = fail_fast, failures, echo, limit, threads
         self.in_flight: dict[Any, Pending] = {}
 
@@ -350,7 +324,8 @@ class _Flight:
             while queue or self.in_flight:
                 while queue and len(self.in_flight) < self.limit and not (self.failures and self.fail_fast):
                     item = queue.pop(0)
-                    ref = self.task.remote(item.config, self.parent.run_id, item.resume, folder, self.threads)
+                    ref = self.task.remote(item.config, self.parent.run_id, item.resume, folder, self.threads,
+                                           self.server)
                     self.in_flight[ref] = item
                     started += 1
                     self.echo(f"[{item.index}/{self.total}] {item.config.run.run_name} started"

@@ -116,7 +116,8 @@ class RunLock:
     The kernel releases a flock when its process dies, however it dies, so a lock left by a
     killed run never blocks a real resume. The file says who holds it (pid, start time, host) for
     the refusal message. Where flock is unsupported (some network file systems) the pid in the
-    file decides: a live process on this host holds the run, a dead one's lock is taken over.
+    file decides: a live process on this host holds the run, a dead one's lock is taken over, and
+    a process on another host counts as alive (its pid cannot be checked from here).
     """
 
     def __init__(self, folder: Path) -> None:
@@ -150,11 +151,17 @@ class RunLock:
         return True
 
     def _pid_alive(self) -> bool:
+        """Whether the holder named in the file may still live: its pid answers here, or it ran on
+        another host (whose pids this one cannot see); this process itself, or no holder, is not."""
         try:
             pid, _, host = self.path.read_text().split()[:3]
-            if host != socket.gethostname() or int(pid) == os.getpid():
+            if host != socket.gethostname():
+                return True
+            if int(pid) == os.getpid():
                 return False
             os.kill(int(pid), 0)
+            return True
+        except PermissionError:  # a live process of another user
             return True
         except (OSError, ValueError):
             return False
@@ -183,15 +190,24 @@ class RunLock:
         except OSError:
             return True  # no lock file: nothing to say about that run
 
+    def blank(self) -> bool:
+        """The file names no holder yet: ``try_acquire`` creates it before it takes the flock and writes
+        its pid, so an empty file may be a run that is starting right now."""
+        try:
+            return not self.path.read_bytes().strip()
+        except OSError:
+            return True
+
 
 def abandoned_runs(checkpoint_dir: Path) -> Iterator[tuple[str, RunLock]]:
     """Run folders of ``checkpoint_dir`` whose process died without closing its run (kill -9, a
-    power cut): yields (run id, its lock, now held by this process; release it)."""
+    power cut): yields (run id, its lock, now held by this process; release it). A blank lock file
+    is skipped: its run may be starting, between creating the file and locking it."""
     if not checkpoint_dir.is_dir():
         return
     for folder in sorted(checkpoint_dir.iterdir()):
         lock = RunLock(folder)
-        if not folder.is_dir() or lock.ended():
+        if not folder.is_dir() or lock.ended() or lock.blank():
             continue
         try:
             if lock.try_acquire():

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +33,7 @@ import torch
 
 import clframe
 from clframe import checkpoint, distributed, metrics
-from clframe.config import ResolvedConfig, RunConfig
+from clframe.config import RESUME_FREE_KEYS, ResolvedConfig, RunConfig
 from clframe.engine import Engine, TrainingDiverged, resolve_device
 from clframe.errors import ClframeError
 from clframe.registry import SCENARIOS, STRATEGIES
@@ -43,11 +43,6 @@ from clframe.tracking import (FallbackTracker, NullTracker, absolute_uri, check_
                               refuse_file_store, resolve_uri, store_failure)
 from clframe.scenarios.base import Stream, check_class_order, class_order_record
 from clframe.strategies.base import Strategy, StreamInfo
-
-# Keys that may differ between a run and its resumption (where and how fast it runs, not what it computes).
-RESUME_FREE_KEYS = {"run.progress", "run.tracking_uri", "run.checkpoint_dir", "run.eval_batch_size",
-                    "run.run_name", "run.device", "run.compile", "run.frozen_bf16", "run.keep_full_checkpoint",
-                    "run.system_metrics"}
 
 
 class RunInterrupted(BaseException):
@@ -269,7 +264,7 @@ def _run_experiment(config: ResolvedConfig, device: torch.device, resume: str | 
         uri = saved["tracking_uri"]  # where the run lives now (absolute; a local fallback store, if it moved)
     check_tracking_uri(uri)
     uri = absolute_uri(uri)  # the checkpoint names the store so that a resume finds it from any folder
-    locks: list[RunLock] = []
+    held = HeldLocks()
     try:
         if main:
             check_reachable(uri)
@@ -279,11 +274,28 @@ def _run_experiment(config: ResolvedConfig, device: torch.device, resume: str | 
             for base in {Path(run.checkpoint_dir).expanduser(), *([resume_path.parent.parent] if saved else [])}:
                 remove_orphan_temporaries(base)  # half-written checkpoints of killed runs
             if saved:  # one process drives a run: a second is refused before its MLflow run is touched
-                locks.append(RunLock(resume_path.parent).acquire(saved["run_id"]))
-        return _drive(config, device, uri, saved, resume_path, parent_run_id, echo, task_end, locks)
+                held.acquire(resume_path.parent, saved["run_id"])
+        return _drive(config, device, uri, saved, resume_path, parent_run_id, echo, task_end, held)
     finally:
-        for lock in locks:
-            lock.release()
+        held.release()
+
+
+@dataclass
+class HeldLocks:
+    """The run's locks, and whether its MLflow run was closed (FINISHED, FAILED or KILLED). Only a
+    closed run's lock is released as ``ended``: a resume that fails before it reopens the run (bad
+    data, a changed stream, out of memory) leaves a kill -9'd run RUNNING, so its lock must stay one
+    that ``close_abandoned_runs`` will find and close."""
+
+    locks: list[RunLock] = field(default_factory=list)
+    closed: bool = False
+
+    def acquire(self, folder: Path, run_id: str) -> None:
+        self.locks.append(RunLock(folder).acquire(run_id))
+
+    def release(self) -> None:
+        for lock in self.locks:
+            lock.release(ended=self.closed)
 
 
 def run_header(config: ResolvedConfig, stream: Stream, strategy: Strategy, device: torch.device) -> str:
@@ -320,7 +332,7 @@ def warn_untrained(config: ResolvedConfig, stream: Stream) -> None:
 
 def _drive(config: ResolvedConfig, device: torch.device, uri: str, saved: dict | None, resume_path: Path | None,
            parent_run_id: str | None, echo: Callable[[str], None],
-           task_end: Callable[[int, dict[str, float]], None] | None, locks: list[RunLock]) -> RunResult:
+           task_end: Callable[[int, dict[str, float]], None] | None, held: HeldLocks) -> RunResult:
     run, main = config.run, distributed.is_main()
     stream = build_stream(config)
     check_class_order(stream, run)
@@ -391,7 +403,7 @@ def _drive(config: ResolvedConfig, device: torch.device, uri: str, saved: dict |
             # A resumed run goes on writing where it was resumed from: one checkpoint, wherever it lives.
             ckpt_path = resume_path if saved else checkpoint.checkpoint_path(run.checkpoint_dir, run_id)
             if main and not saved:
-                locks.append(RunLock(ckpt_path.parent).acquire(run_id))
+                held.acquire(ckpt_path.parent, run_id)
             if main:
                 close_abandoned_runs(tracker, Path(run.checkpoint_dir).expanduser(), run_id)
             engine = Engine(config, stream, strategy, device, tracker.log_metrics, on_task_end)
@@ -423,6 +435,7 @@ def _drive(config: ResolvedConfig, device: torch.device, uri: str, saved: dict |
         except (KeyboardInterrupt, RunInterrupted) as exc:
             guard.fired = True
             tracker.end("KILLED")
+            held.closed = True
             signal_name = str(exc) if isinstance(exc, RunInterrupted) else "SIGINT"
             raise RunKilled(_stopped(f"interrupted by {signal_name}", "KILLED", engine, stream, run, tracker,
                                      ckpt_path, resume_path, hint=True, done=written[0]), signal_name) from None
@@ -436,6 +449,7 @@ def _drive(config: ResolvedConfig, device: torch.device, uri: str, saved: dict |
                 with contextlib.suppress(Exception):
                     tracker.set_tags({"clframe.error": message[:5000]})
                 tracker.end("FAILED")
+                held.closed = True
             except Exception:  # noqa: BLE001 - the store itself cannot be written (a full disk)
                 if unwritable is None:
                     raise
@@ -450,6 +464,7 @@ def _drive(config: ResolvedConfig, device: torch.device, uri: str, saved: dict |
             raise
         guard.fired = True  # every task is done: a signal now does not undo that
         tracker.end("FINISHED")
+        held.closed = True
     return RunResult(tracker.run_id, acc_matrix, summary, wall_s, engine.timer.rate("train"),
                      engine.timer.rate("eval"), ckpt_path, tracker.uri)
 

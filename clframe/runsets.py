@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from clframe.config import RESUME_FREE_KEYS
 from clframe.metrics import mean_std
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -28,13 +29,14 @@ TASK_METRICS = ("acc_avg", "acc_seen", "acc_inc_avg", "forgetting", "bwt")  # lo
 RUN_METRICS = {"trainable_params": "trainable_params", "wall_time_s": "wall_time_s",
                "train_img_s": "perf/train_img_s", "eval_img_s": "perf/eval_img_s"}
 HIGHER_IS_BETTER = {"acc_avg": True, "acc_seen": True, "acc_inc_avg": True, "forgetting": False, "bwt": True}
-# Params that cannot change a result: they never split a group nor show as a column.
-NEUTRAL = {"run.seed", "run.run_name", "run.tracking_uri", "run.experiment", "run.checkpoint_dir", "run.progress",
-           "run.data_root", "run.eval_batch_size", "run.system_metrics", "run.device", "run.compile",
-           "run.keep_full_checkpoint"}
+# Params that cannot change a result: they never split a group nor show as a column. What a resume may
+# change (one list, in clframe.config), plus the seed and where the results and the data live.
+NEUTRAL = RESUME_FREE_KEYS | {"run.seed", "run.experiment", "run.data_root"}
 # Config keys shown in columns or section titles of their own, not among the "differing keys".
 OWN_COLUMN = {"run.strategy", "run.scenario", "run.model", "run.model_kwargs", "run.epochs", "run.joint",
               "run.eval_classes"}
+# Config keys every group label already says (its strategy, and "-joint").
+IN_LABEL = {"run.strategy", "run.joint"}
 
 
 @dataclass
@@ -112,13 +114,14 @@ def to_record(client, run) -> RunRecord:
         image_size=params.get("run.image_size", "None"))
 
 
-def differing_keys(records: list[RunRecord]) -> list[str]:
-    """Config keys whose values differ among the runs that have them (the seed excluded), sorted."""
+def differing_keys(records: list[RunRecord], shown_apart: set[str] = OWN_COLUMN) -> list[str]:
+    """Config keys whose values differ among the runs that have them (the seed excluded), sorted;
+    ``shown_apart``: keys left out because a column or title of their own shows them."""
     values: dict[str, set[str]] = {}
     for record in records:
         for key, value in record.config.items():
             values.setdefault(key, set()).add(value)
-    return sorted(key for key, seen in values.items() if len(seen) > 1 and key not in OWN_COLUMN)
+    return sorted(key for key, seen in values.items() if len(seen) > 1 and key not in shown_apart)
 
 
 def short_key(key: str) -> str:
@@ -199,11 +202,33 @@ def child_records(client, parent_run_id: str, experiment_id: str) -> list[RunRec
     return [to_record(client, run) for run in runs]
 
 
+def unique_labels(labels: list[str]) -> list[str]:
+    """The labels, a repeated one (cut at 200 characters, say) numbered from its second use on."""
+    seen: dict[str, int] = {}
+    unique = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        unique.append(label if seen[label] == 1 else f"{label} group:{seen[label]}")
+    return unique
+
+
+def logged_points(client, run_id: str) -> dict[tuple[str, int], float]:
+    """(metric, step) -> the value a run holds there (the last one logged at that step)."""
+    points = {}
+    for key in client.get_run(run_id).data.metrics:
+        for metric in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp)):
+            points[(key, metric.step)] = metric.value
+    return points
+
+
 def log_group_curves(tracker, experiment_id: str) -> list[str]:
     """A sweep's parent logs its children's per-task means and stds at step = task, so the MLflow
     UI's table and charts show them without expanding the children. One group (seeds of one
-    config): ``acc_avg``, ``acc_avg_std``, ... ; several: ``<group label>/acc_avg``, ... Returns the
-    labels logged (the groups' labels and seeds also go to the tag ``clframe.groups``)."""
+    config): ``acc_avg``, ``acc_avg_std``, ..., ``n_seeds``; several: ``<group label>/acc_avg``, ...,
+    the label naming every key the groups differ in (epochs and model too: those split groups as
+    well). A value the parent already holds at that step is not logged again (a resumed sweep), a
+    changed one is (more seeds finished). Returns the labels logged (the groups' labels and seeds
+    also go to the tag ``clframe.groups``)."""
     client = tracker.client
     records = child_records(client, tracker.run_id, experiment_id)
     groups = [g for g in group_records(records) if g.complete]
@@ -212,18 +237,24 @@ def log_group_curves(tracker, experiment_id: str) -> list[str]:
     by_strategy: dict[str, list[RunRecord]] = {}
     for group in groups:  # keys that differ only between strategies (their defaults) need no label
         by_strategy.setdefault(group.first.strategy, []).extend(group.records)
-    keys = sorted({key for members in by_strategy.values() for key in differing_keys(members)})
-    if len({g.first.section for g in groups}) > 1:
-        keys = ["run.scenario"] + keys
-    labels = []
-    for group in groups:
-        label = group_label(group, keys) if len(groups) > 1 else ""
+    keys = sorted({key for members in by_strategy.values() for key in differing_keys(members, IN_LABEL)})
+    if len({g.first.section for g in groups}) > 1 or "run.scenario" in keys:
+        keys = ["run.scenario"] + [key for key in keys if key != "run.scenario"]
+    labels = unique_labels([group_label(g, keys) for g in groups]) if len(groups) > 1 else [""]
+    logged = logged_points(client, tracker.run_id)
+    for label, group in zip(labels, groups):
         prefix = f"{label}/" if label else ""
-        for name, by_step in step_curves(client, group).items():
-            for step, (mean, std, n) in by_step.items():
-                values = {f"{prefix}{name}": mean, f"{prefix}{name}_std": std if std is not None else 0.0,
-                          f"{prefix}n_seeds": float(n)}
-                tracker.log_metrics({k: v for k, v in values.items() if v is not None and np.isfinite(v)}, step)
-        labels.append(label or group.first.strategy)
-    tracker.set_tags({"clframe.groups": json.dumps({label: g.seeds for label, g in zip(labels, groups)})[:5000]})
-    return labels
+        by_step: dict[int, dict[str, float]] = {}
+        for name, curve in step_curves(client, group).items():
+            for step, (mean, std, n) in curve.items():
+                values = by_step.setdefault(step, {})
+                values.update({f"{prefix}{name}": mean, f"{prefix}{name}_std": std if std is not None else 0.0})
+                values[f"{prefix}n_seeds"] = max(values.get(f"{prefix}n_seeds", 0.0), float(n))
+        for step, values in sorted(by_step.items()):
+            fresh = {k: v for k, v in values.items()
+                     if v is not None and np.isfinite(v) and logged.get((k, step)) != v}
+            if fresh:
+                tracker.log_metrics(fresh, step)
+    names = [label or group.first.strategy for label, group in zip(labels, groups)]
+    tracker.set_tags({"clframe.groups": json.dumps({name: g.seeds for name, g in zip(names, groups)})[:5000]})
+    return names

@@ -42,7 +42,9 @@ import yaml
 
 from clframe.config import ResolvedConfig, build_section, option
 from clframe.errors import ClframeError
-from clframe.parallel_sweep import RayOptions, enter_driver_folder, failure_message, ray_session, shared_tracking
+from clframe.parallel_sweep import (RayOptions, enter_driver_folder, failure_message, ray_session, server_for_runs,
+                                    shared_tracking)
+from clframe.tracking import logging_through, resolve_uri
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 OPTIONS_NOT_IN_COMMAND = {"scenario", "strategy", "run_name", "progress"}
@@ -117,9 +119,10 @@ def apply_params(base: ResolvedConfig, params: dict[str, Any]) -> ResolvedConfig
                           base=yaml.safe_load(base.to_yaml()))
 
 
-def search_trial(params: dict, base: ResolvedConfig, parent_run_id: str, uri: str, prefix: str, folder: str,
-                 threads: int) -> None:
-    """One trial in a Ray Tune actor: a child run that reports its task metrics at every task boundary."""
+def search_trial(params: dict, base: ResolvedConfig, parent_run_id: str, server: str | None, prefix: str,
+                 folder: str, threads: int) -> None:
+    """One trial in a Ray Tune actor: a child run that reports its task metrics at every task boundary
+    (logging through ``server`` if given: see ``parallel_sweep.server_for_runs``)."""
     import torch
     from ray import tune
 
@@ -129,7 +132,7 @@ def search_trial(params: dict, base: ResolvedConfig, parent_run_id: str, uri: st
     torch.set_num_threads(threads)
     config = apply_params(base, params)
     name = f"{prefix}-{tune.get_context().get_trial_id()}"
-    config.run = dataclasses.replace(config.run, run_name=name, tracking_uri=uri, progress=False)
+    config.run = dataclasses.replace(config.run, run_name=name, progress=False)
 
     def report(i: int, values: dict[str, float]) -> None:
         try:
@@ -138,7 +141,8 @@ def search_trial(params: dict, base: ResolvedConfig, parent_run_id: str, uri: st
             raise RunInterrupted("stopped by the search's scheduler") from None
 
     try:
-        run_experiment(config, parent_run_id=parent_run_id, echo=lambda text: None, task_end=report)
+        with logging_through(resolve_uri(config.run.tracking_uri), server):
+            run_experiment(config, parent_run_id=parent_run_id, echo=lambda text: None, task_end=report)
     except RunKilled:
         raise SystemExit(0) from None  # how a Tune function ends when told to stop
 
@@ -211,7 +215,6 @@ class RaySearch:
     def run_children(self, parent, children, configs: list[ResolvedConfig], fail_fast: bool, failures: list[str],
                      echo: Callable[[str], None]) -> int:
         from clframe.runner import RunInterrupted
-        from clframe.tracking import resolve_uri
 
         base, search = configs[0], self.search
         self.check(base)
@@ -266,7 +269,8 @@ class RaySearch:
                                    reduction_factor=search.reduction_factor) if search.scheduler == "asha" else None)
         threads = max(1, int(self.options.cpus_per_run))
         trainable = tune.with_resources(
-            tune.with_parameters(search_trial, base=base, parent_run_id=parent_run_id, uri=uri, prefix=prefix,
+            tune.with_parameters(search_trial, base=base, parent_run_id=parent_run_id, prefix=prefix,
+                                 server=server_for_runs(resolve_uri(base.run.tracking_uri), uri),
                                  folder=os.getcwd(), threads=threads),
             {"cpu": self.options.cpus_per_run, "gpu": gpus})
         storage = tempfile.mkdtemp(prefix="clframe-tune-")

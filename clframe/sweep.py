@@ -136,10 +136,15 @@ def _file_fields(data: dict, sweep_file: str) -> tuple[str | None, bool, list[in
     return name, fail_fast, seeds
 
 
+def sets_seed(sets: list[str]) -> bool:
+    """Whether these --set items choose the seed (``seed=N`` or ``run.seed=N``)."""
+    return any(re.match(r"\s*(run\.)?seed\s*=", item) for item in sets)
+
+
 def _with_seeds(children: list[Child], seeds: list[int]) -> list[Child]:
     """Each child once per seed (seeds vary fastest, so a group's seeds run one after another)."""
     for child in children:
-        if any(re.match(r"(run\.)?seed=", item) for item in child.sets):
+        if sets_seed(child.sets):
             raise ClframeError(f"the seed of '{child.label()}' is set twice: by seeds (--seeds) and by its set:/grid:; "
                                f"keep one")
     return [dataclasses.replace(child, sets=child.sets + [f"seed={seed}"], seed=seed)
@@ -234,7 +239,7 @@ def run_sweep(options: dict, config_file: str | None, sets: list[str], plan: Swe
     ``execution`` (clframe.parallel_sweep) runs the children instead, several at once on Ray;
     ``resume_parent`` reopens that parent run, whose execution then runs only what did not finish."""
     from clframe.compare import compare_runs
-    from clframe.runner import RunInterrupted, _raise_interrupt, format_result, run_experiment
+    from clframe.runner import RunInterrupted, RunKilled, _raise_interrupt, format_result, run_experiment
 
     fail_fast = fail_fast or plan.fail_fast
     configs = resolve_children(options, config_file, sets, plan)
@@ -291,10 +296,10 @@ def run_sweep(options: dict, config_file: str | None, sets: list[str], plan: Swe
                     echo(f"warning: could not record the failure in MLflow ({record_exc})")
                 if fail_fast:
                     break
-    except (KeyboardInterrupt, RunInterrupted):
+    except (KeyboardInterrupt, RunInterrupted) as exc:
         status = "KILLED"
-        raise ClframeError(f"sweep '{name}' interrupted; finished runs are kept under parent run "
-                           f"{parent.run_id}") from None
+        raise RunKilled(f"sweep '{name}' interrupted; finished runs are kept under parent run {parent.run_id}",
+                        str(exc) if isinstance(exc, RunInterrupted) else "SIGINT") from None  # exits 130 / 143
     finally:
         signal.signal(signal.SIGTERM, previous)
         status = "FAILED" if failures and status == "FINISHED" else status

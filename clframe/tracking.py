@@ -39,10 +39,36 @@ SQLITE_PREFIX = "sqlite:///"
 # What sqlite says about a damaged file, and about a store another process holds a moment too long.
 DAMAGED = ("file is not a database", "database disk image is malformed", "file is encrypted")
 BUSY = ("database is locked", "database table is locked")
+# "STORE_URI SERVER_URL": a local server that this process logs to the store through (clframe.parallel_sweep).
+STORE_SERVER_ENV = "CLFRAME_STORE_SERVER"
 
 
 def resolve_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def endpoint(uri: str) -> str:
+    """What a client of the store ``uri`` talks to: the local server that serves it, while
+    ``logging_through`` says so, else the store itself."""
+    store, _, server = os.environ.get(STORE_SERVER_ENV, "").rpartition(" ")
+    return server if store and absolute_uri(uri) == store else uri
+
+
+@contextlib.contextmanager
+def logging_through(store: str, server: str | None) -> Iterator[None]:
+    """In the block, clients of ``store`` talk to the http ``server`` on it (a parallel sweep's: a
+    sqlite file takes one writer process at a time); None: to the store itself. A run's config,
+    checkpoint and result keep naming ``store``, so the run resumes there once the server is gone."""
+    saved = os.environ.get(STORE_SERVER_ENV)
+    if server is not None:
+        os.environ[STORE_SERVER_ENV] = f"{absolute_uri(store)} {server}"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(STORE_SERVER_ENV, None)
+        else:
+            os.environ[STORE_SERVER_ENV] = saved
 
 
 # ----- local stores: where they are, whether they can be used -----
@@ -109,10 +135,11 @@ def check_sqlite_intact(uri: str) -> None:
 def check_store(uri: str, resuming: bool = False) -> None:
     """Before a run opens: the store is of a kind clframe can log to, and a sqlite store's file
     and folder are writable and intact. A resumed run's sqlite store must still exist (else a new
-    empty store would be made and the run's earlier tasks would be nowhere)."""
+    empty store would be made and the run's earlier tasks would be nowhere). A store that a local
+    server serves is checked as its server (``check_reachable``): the server writes the file."""
     refuse_file_store(uri)
     path = sqlite_file(uri)
-    if path is None:
+    if path is None or endpoint(uri) != uri:
         return
     fix = "pass --tracking-uri sqlite:///WRITABLE/PATH.db, or run from a writable folder"
     if resuming and not path.is_file():
@@ -161,19 +188,27 @@ def retry_busy(call: Callable[[], Any], attempts: int = 8, also: tuple[str, ...]
             time.sleep(0.05 * 2 ** attempt)
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail at start, in one line, when an HTTP tracking server does not answer."""
-    if not uri.startswith(("http://", "https://")):
-        return
+def health_failure(url: str, timeout: float) -> str | None:
+    """Why the MLflow server at ``url`` does not answer ``/health``; None when it does."""
     import urllib.error
     import urllib.request
 
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
+        urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout).read()
+        return None
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
+        return str(getattr(exc, "reason", exc))
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail at start, in one line, when an HTTP tracking server (or the one serving ``uri``) does not answer."""
+    uri = endpoint(uri)
+    if not uri.startswith(("http://", "https://")):
+        return
+    reason = health_failure(uri, timeout)
+    if reason is not None:
         raise ClframeError(f"MLflow tracking server {uri} is unreachable ({reason}); start it, fix "
-                           f"--tracking-uri, or leave it out to log to sqlite:///mlflow.db here") from None
+                           f"--tracking-uri, or leave it out to log to sqlite:///mlflow.db here")
 
 
 def git_commit() -> str | None:
@@ -203,13 +238,14 @@ class MlflowTracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         from mlflow.tracking import MlflowClient
 
-        database = sqlite_file(self.uri)
+        database = sqlite_file(endpoint(self.uri))
         # Two runs starting at once in a new folder would both create the store's tables: one at a time.
         lock = folder_lock(database.absolute().parent) if database is not None else contextlib.nullcontext()
         try:
             with lock, quiet_store_setup():
                 # 'already exists': another program made the tables meanwhile, without this lock
-                self._client = retry_busy(lambda: MlflowClient(tracking_uri=self.uri), also=("already exists",))
+                self._client = retry_busy(lambda: MlflowClient(tracking_uri=endpoint(self.uri)),
+                                          also=("already exists",))
                 if run_id is not None:
                     previous = retry_busy(lambda: self._client.get_run(run_id)).info.status
                     if complete and previous == "FINISHED":
@@ -315,7 +351,8 @@ class MlflowTracker:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no INFO lines on stderr
-        self._system_monitor = SystemMetricsMonitor(self.run_id, resume_logging=resumed, tracking_uri=self.uri)
+        self._system_monitor = SystemMetricsMonitor(self.run_id, resume_logging=resumed,
+                                                    tracking_uri=endpoint(self.uri))
         self._system_monitor.start()
 
     def end(self, status: str = "FINISHED") -> None:
@@ -427,7 +464,7 @@ class FallbackTracker:
             self.switch(f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
 
     def _server_gone(self) -> bool:
-        if not self.primary.uri.startswith(("http://", "https://")):
+        if not endpoint(self.primary.uri).startswith(("http://", "https://")):
             return False
         try:
             check_reachable(self.primary.uri)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,12 +25,6 @@ from pathlib import Path
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 STRATEGIES = ("linear", "bitfit", "finetune")
 SEEDS = "0,1,2"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def shoot(browser: str, url: str, out: Path, size: str, profile: Path) -> None:
@@ -58,7 +51,8 @@ def main() -> None:
     if browser is None:
         print("skipped: no Chromium found (apt-get install chromium, or put chrome on PATH)")
         return
-    from clframe.ui import find_experiment, runs_view_url, server_command, wait_until_up
+    from clframe.mlflow_server import local_mlflow_server
+    from clframe.ui import find_experiment, runs_view_url
 
     with tempfile.TemporaryDirectory(prefix="clframe-shot-") as tmp:
         tmp = Path(tmp)
@@ -70,23 +64,11 @@ def main() -> None:
             print("running", " ".join(sweep[2:]), flush=True)
             subprocess.run(sweep, cwd=tmp, check=True, stdout=subprocess.DEVNULL)
         experiment_id = find_experiment(store, args.experiment)
-        port = free_port()
-        command, env = server_command(store, "127.0.0.1", port, workers=1)
-        with (tmp / "server.log").open("w") as log:
-            server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            wait_until_up(server, base)
-            runs = runs_view_url(base, experiment_id)
+        with local_mlflow_server(store) as server:  # as clframe ui serves it
+            runs = runs_view_url(server.url, experiment_id)
             out_dir = Path(args.out_dir).resolve()
             shoot(browser, runs + "&compareRunsMode=CHART", out_dir / "ui_charts.png", args.window_size,
                   tmp / "chromium")
-        finally:
-            import os
-            import signal
-
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,11 @@
 - ``folder_domains``: ``root/<domain>/<class>/<image>`` (DomainNet-like), one domain per
   experience, the same classes throughout (domain-IL).
 - ``folder_classes``: ``root/<class>/<image>`` (ImageNet-R-like), split into ``n_tasks`` tasks of
-  ``classes_per_task`` classes in an order fixed by the seed (class-IL).
+  ``classes_per_task`` classes in an order fixed by the seed (class-IL). Class ids are the class
+  folders' positions by name, among all of them: ``run.class_order`` (a list, a file or a name)
+  orders these ids, the first ``n_tasks x classes_per_task`` classes of that order are used, and
+  ``class_order.json`` and the logged labels carry the same ids. Folders left out keep their id (and
+  a head output that no task trains; ``eval_classes=all`` counts them too) but are never read.
 
 Class names are the folder names. Every image is read once with PIL, converted to RGB,
 centre-cropped to a square and resized to ``image_size``, then held as uint8. Images of more than
@@ -45,7 +49,8 @@ class FolderDomainsConfig:
 class FolderClassesConfig:
     root: str | None = option(None, "folder holding <class>/<image>; None means --data-root")
     n_tasks: int = option(10, "number of tasks", min=1)
-    classes_per_task: int | None = option(None, "classes per task; None means all classes split evenly", min=1)
+    classes_per_task: int | None = option(None, "classes per task; None means all classes split evenly (fewer: the "
+                                          "first n_tasks x classes_per_task of the class order)", min=1)
     shuffle_classes: bool = option(True, "class order fixed by the run seed (else by name)")
     image_size: int = option(64, "images are centre-cropped and resized to this square size once", min=8)
     test_fraction: float = option(0.2, "share of each class held out for testing", min=0.01)
@@ -189,16 +194,14 @@ def folder_classes(cfg: FolderClassesConfig, run: RunConfig) -> Stream:
         raise ClframeError(f"{root} has {len(folders)} class folders, which do not make {cfg.n_tasks} tasks"
                            f"{f' of {cfg.classes_per_task} classes' if cfg.classes_per_task else ' of equal size'}; "
                            f"set folder_classes.n_tasks / classes_per_task")
-    all_names = sorted(folders)
-    chosen = [all_names[i] for i in class_order(len(all_names), run.seed, cfg.shuffle_classes, run.class_order)]
-    chosen = chosen[:per_task * cfg.n_tasks]
-    class_names = sorted(chosen)  # ids follow the names; the task order is `order` below
+    class_names = sorted(folders)  # one id space: a class's id is its folder's position by name, used or not
     class_ids = {name: i for i, name in enumerate(class_names)}
+    order = class_order(len(class_names), run.seed, cfg.shuffle_classes, run.class_order)[:per_task * cfg.n_tasks]
     rng = np.random.RandomState(run.seed)
-    images, labels = load_labelled({n: folders[n] for n in class_names}, class_ids, cfg.image_size, cfg.workers,
+    used = sorted(class_names[i] for i in order)  # read by name, so the images kept do not depend on the order
+    images, labels = load_labelled({n: folders[n] for n in used}, class_ids, cfg.image_size, cfg.workers,
                                    cfg.max_per_class, rng)
     train_idx, test_idx = stratified_split(labels, cfg.test_fraction, run.seed)
-    order = [class_ids[name] for name in chosen]
     experiences = split_by_classes(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
                                    order, cfg.n_tasks)
     return Stream("folder_classes", CLASS_IL, class_names, experiences, info={"root": str(root), "class_order": order})

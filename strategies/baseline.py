@@ -17,7 +17,10 @@ weights and nothing in the checkpoint, because it equals the weights a task-boun
 
 ``RehearsalStrategy`` adds the one ``clframe.rehearsal.RehearsalBuffer`` with its budget, per-task
 reseeding, checkpointing, MLflow params (``buffer_capacity`` in images, ``buffer_bytes``) and a per-task class
-histogram artifact (``task_<i>/buffer_histogram.csv``).
+histogram artifact (``task_<i>/buffer_histogram.csv``). It runs on one process: under torchrun each
+rank would insert its own shard into its own buffer (the buffers diverge, and only rank 0's is
+checkpointed), and per-rank replay sizes would desync the augmentation draws that every rank
+shares, so several processes are refused.
 """
 from __future__ import annotations
 
@@ -27,7 +30,9 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
+from clframe import distributed
 from clframe.config import RunConfig, build_section, builtin_config, option
+from clframe.errors import ClframeError
 from clframe.registry import STRATEGIES
 from clframe.rehearsal import RehearsalBuffer, capacity_from
 from clframe.scenarios.base import Experience
@@ -128,6 +133,14 @@ class NetworkStrategy(Strategy):
             self.keep_teacher()
 
 
+def check_one_process(strategy_cls: type, processes: int) -> None:
+    """Refuse a rehearsal strategy on several processes (see the module docstring): ``clframe run
+    --gpus N`` asks before it launches torchrun, and every rank asks again as it builds the strategy."""
+    if processes > 1 and issubclass(strategy_cls, RehearsalStrategy):
+        raise ClframeError(f"strategy {strategy_cls.name}: rehearsal strategies run on one process: drop --gpus "
+                           f"(or run it without torchrun)")
+
+
 @dataclass
 class RehearsalConfig(NetworkConfig):
     buffer_size: int = option(0, "rehearsal buffer size in images (0: use per_class)", min=0)
@@ -143,6 +156,7 @@ class RehearsalStrategy(NetworkStrategy):
     keep_logits = False
 
     def __init__(self, config: RehearsalConfig, run: RunConfig, info: StreamInfo) -> None:
+        check_one_process(type(self), distributed.world())
         super().__init__(config, run, info)
         capacity = capacity_from(config.buffer_size, config.per_class, info.n_classes, self.name)
         self.buffer = RehearsalBuffer(capacity, keep_logits=self.keep_logits)

@@ -275,7 +275,8 @@ def test_latex_is_booktabs_with_best_bold_and_escapes(seeds_store):
 
 def test_ui_opens_the_runs_view_of_a_tagged_experiment_and_runs_lean(synthetic_store):
     from clframe.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
-    from clframe.ui import find_experiment, runs_view_url, server_command
+    from clframe.mlflow_server import server_command
+    from clframe.ui import find_experiment, runs_view_url
 
     uri, client = synthetic_store[:2]
     experiment_id = find_experiment(uri, "clframe")  # made without the tag (as an older clframe did): tagged now
@@ -289,7 +290,54 @@ def test_ui_opens_the_runs_view_of_a_tagged_experiment_and_runs_lean(synthetic_s
     assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
 
 
+def test_ui_refuses_a_damaged_store_in_one_line_and_reads_a_uri_with_a_query(synthetic_store):
+    from clframe.ui import find_experiment
+
+    uri, client = synthetic_store[:2]
+    expected = client.get_experiment_by_name("clframe").experiment_id
+    assert find_experiment(f"{uri}?timeout=20", "clframe") == expected  # the query is not part of the file name
+    damaged = Path(uri.removeprefix("sqlite:///")).parent / "damaged.db"
+    damaged.write_bytes(b"SQLite format 3\0" + np.random.RandomState(1).bytes(9_000))
+    with pytest.raises(ClframeError, match="is damaged .* move it aside"):
+        find_experiment(f"sqlite:///{damaged}", "clframe")  # clframe ui: one line, as clframe compare
+
+
 # ----- sweeps -----
+def test_parent_aggregates_name_every_splitting_key_and_are_logged_once(synthetic_store):
+    """A grid over epochs x seeds: two groups, labelled by epochs (which splits them); frozen_bf16, which
+    a resume may change, does not split them; a second pass (a resumed sweep) logs no point twice."""
+    from types import SimpleNamespace
+
+    from clframe.runsets import log_group_curves
+
+    _, client, _, _ = synthetic_store
+    exp = client.create_experiment("aggregates")
+    parent = client.create_run(exp, run_name="grid", tags={"clframe.sweep": "parent"}).info.run_id
+    curves = {}
+    for epochs in (1, 5):
+        for seed in (0, 1):
+            acc = [90.0 - epochs - seed, 70.0 + epochs + 2 * seed]
+            curves[(epochs, seed)] = acc
+            log_run(client, exp, f"e{epochs}-s{seed}", {"strategy": "finetune", "scenario": "split_digits",
+                                                         "model": "vit_tiny_patch16_224", "mlflow.parentRunId": parent},
+                    {"acc_avg": acc, "forgetting": [0.0, 1.0]},
+                    params={"n_tasks": 2, "run.epochs": epochs, "run.seed": seed, "run.frozen_bf16": seed == 0})
+
+    def log_metrics(values, step):
+        client.log_batch(parent, metrics=[Metric(k, v, int(time.time() * 1000), step) for k, v in values.items()])
+
+    tracker = SimpleNamespace(client=client, run_id=parent, log_metrics=log_metrics,
+                              set_tags=lambda tags: [client.set_tag(parent, k, v) for k, v in tags.items()])
+    assert sorted(log_group_curves(tracker, exp)) == ["finetune epochs:1", "finetune epochs:5"]
+    for epochs in (1, 5):
+        history = sorted(client.get_metric_history(parent, f"finetune epochs:{epochs}/acc_avg"), key=lambda m: m.step)
+        assert [m.value for m in history] == pytest.approx(np.mean([curves[(epochs, 0)], curves[(epochs, 1)]], axis=0))
+        assert [m.value for m in client.get_metric_history(parent, f"finetune epochs:{epochs}/n_seeds")] == [2.0, 2.0]
+    points = {key: len(client.get_metric_history(parent, key)) for key in client.get_run(parent).data.metrics}
+    assert sorted(log_group_curves(tracker, exp)) == ["finetune epochs:1", "finetune epochs:5"]
+    assert {key: len(client.get_metric_history(parent, key)) for key in points} == points
+
+
 def test_sweep_plan_expands_strategies_runs_and_grid(tmp_path):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("runs:\n  - {}\n  - {strategy: finetune, set: {lr: 0.001}}\ngrid:\n  seed: [0, 1]\n")

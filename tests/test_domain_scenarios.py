@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import pickle
 import struct
 from pathlib import Path
@@ -19,6 +20,7 @@ from conftest import clframe_subprocess, tiny_run_options
 from clframe.scenarios.avalanche_streams import AvalancheConfig, avalanche_benchmark, benchmark_to_stream, dataset_to_tensors
 from clframe.scenarios.core50 import Core50Config, core50
 from clframe.scenarios.digits_domains import CorruptedDigitsConfig, RotatedDigitsConfig, corrupted_digits, rotated_digits
+from clframe.scenarios.base import class_order_record
 from clframe.scenarios.folders import FolderClassesConfig, FolderDomainsConfig, folder_classes, folder_domains
 
 
@@ -172,7 +174,14 @@ def test_folder_classes_structure(tmp_path):
            [e.classes for e in folder_classes(cfg, RunConfig(seed=2)).experiences]
     partial = folder_classes(FolderClassesConfig(root=str(tmp_path / "imgs"), n_tasks=2, classes_per_task=2,
                                                  image_size=8), RunConfig(seed=0))
-    assert partial.n_classes == 4 and [len(e.classes) for e in partial.experiences] == [2, 2]
+    assert partial.n_classes == 6 and [len(e.classes) for e in partial.experiences] == [2, 2]
+    # one id space: a folder's position by name, for class_order, the labels and class_order.json alike
+    ordered = folder_classes(FolderClassesConfig(root=str(tmp_path / "imgs"), n_tasks=2, classes_per_task=2,
+                                                 image_size=8), RunConfig(class_order=[5, 0, 3, 1, 2, 4]))
+    assert [e.classes for e in ordered.experiences] == [[5, 0], [3, 1]]
+    assert [sorted(set(e.test_labels.tolist())) for e in ordered.experiences] == [[0, 5], [1, 3]]
+    record = json.loads(class_order_record(ordered, RunConfig(class_order=[5, 0, 3, 1, 2, 4])))
+    assert record["order"] == [5, 0, 3, 1] and record["names"] == ["class_5", "class_0", "class_3", "class_1"]
     with pytest.raises(ClframeError) as exc:
         folder_classes(FolderClassesConfig(root=str(tmp_path / "imgs"), n_tasks=4), RunConfig())
     assert_one_line(exc, "6 class folders", "4 tasks")

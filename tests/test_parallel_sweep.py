@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import logging
 import shlex
-import subprocess
-import sys
-import time
+import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -21,8 +20,9 @@ pytest.importorskip("optuna")
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from clframe import checkpoint  # noqa: E402
 from clframe.cli import cli  # noqa: E402
-from clframe.parallel_sweep import free_port, healthy  # noqa: E402
+from clframe.mlflow_server import healthy, local_mlflow_server  # noqa: E402
 from conftest import TINY_SETS  # noqa: E402
 
 TINY = [*TINY_SETS, "--set", "split_digits.n_tasks=2", "--set", "batch_size=64"]
@@ -54,19 +54,8 @@ def ray_local():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/server.db",
-         "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not healthy(url):
-        assert process.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-        time.sleep(0.25)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    with local_mlflow_server(f"sqlite:///{root}/server.db", artifact_root=root / "artifacts") as running:
+        yield running.url
 
 
 def clframe_run(args: list[str]):
@@ -103,6 +92,12 @@ def test_parallel_sweep_gives_the_sequential_results_under_one_parent(ray_local,
     line = next(text for text in parallel.output.splitlines() if "local MLflow server at" in text)
     server_url = line.split(" at ", 1)[1].split()[0]
     assert not healthy(server_url)
+    # ... and reached the runs apart from their config: config and checkpoint name the sqlite store, so
+    # `clframe run --resume CHILD` by hand, after the sweep, finds it (not the server, gone by then).
+    for run in children(uri, parent_of(uri, "parallel").info.run_id):
+        assert run.data.params["run.tracking_uri"] == uri
+        saved = checkpoint.load(checkpoint.checkpoint_path(tmp_path / ".clframe/checkpoints", run.info.run_id))
+        assert (saved["config"]["run.tracking_uri"], saved["tracking_uri"]) == (uri, uri)
 
     def by_setting(name):
         runs = children(uri, parent_of(uri, name).info.run_id)
@@ -188,3 +183,72 @@ def test_parallel_without_a_sweep_or_with_bad_resources_is_one_line(tmp_path, mo
     Path("search.yaml").write_text("runs: [{strategy: linear}]\nsearch:\n  space: {lr: {loguniform: [0, 1]}}\n")
     result = clframe_run(["--sweep", "search.yaml", *TINY])
     assert result.exit_code == 1 and "loguniform wants low < high and low > 0" in str(result.exception)
+
+
+# ----- without Ray: resume matching, the sweep's server reaching the runs, interrupted exit codes -----
+def resolved(strategy: str, *sets: str):
+    from clframe.config import resolve_config
+    from clframe.registry import SCENARIOS, STRATEGIES
+
+    return resolve_config({"scenario": "split_digits", "strategy": strategy}, None, list(sets),
+                          SCENARIOS.get("split_digits").config_cls, STRATEGIES.get(strategy).config_cls)
+
+
+def logged(config, status: str, run_id: str):
+    """A run record as MLflow returns it: the config's params as the tracker logs them, and more."""
+    params = {k: str(v)[:6000] for k, v in config.flatten().items()}
+    params.update(n_trainable_params="1234", **{"stream.fingerprint": "abc"})
+    return SimpleNamespace(info=SimpleNamespace(status=status, run_id=run_id, run_name=f"name-{run_id}"),
+                           data=SimpleNamespace(params=params))
+
+
+def test_resume_matches_each_child_on_its_own_config_sections():
+    """A sweep over strategies with other config sections (er: buffer_size..., lwf: alpha...): each
+    child is matched on its own keys, not on the first child's."""
+    from clframe.parallel_sweep import Pending, unfinished
+
+    configs = [resolved("er", "seed=0"), resolved("lwf", "seed=0"), resolved("lwf", "seed=1"), resolved("er", "seed=1")]
+    runs = [logged(configs[1], "FINISHED", "lwf0"), logged(configs[3], "KILLED", "er1"),
+            logged(configs[2], "KILLED", "lwf1"), logged(resolved("lwf", "seed=2"), "FINISHED", "other")]
+    todo = [Pending(k, config) for k, config in enumerate(configs, start=1)]
+    remaining = unfinished(todo, runs, lambda item, run_id: run_id != "lwf1")  # lwf1 left no checkpoint
+    assert [(p.index, p.resume) for p in remaining] == [(1, None), (3, None), (4, "er1")]
+    assert remaining[2].config.run.run_name == "name-er1"  # continues under its own name
+
+
+def test_a_sweeps_server_reaches_the_run_but_not_its_config(tmp_path, monkeypatch):
+    from clframe.tracking import check_store, endpoint, logging_through
+
+    monkeypatch.chdir(tmp_path)
+    store, server = "sqlite:///mlflow.db", "http://127.0.0.1:9"
+    with logging_through(store, server):
+        assert endpoint(store) == endpoint(f"sqlite:///{tmp_path}/mlflow.db") == server
+        assert endpoint("sqlite:///other.db") == "sqlite:///other.db"
+        check_store(store)  # the server holds the file: it is checked as the server
+    assert endpoint(store) == store
+    with logging_through(store, None):
+        assert endpoint(store) == store
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_sweep_exits_128_plus_the_signal(signum, tmp_path, monkeypatch):
+    """Ctrl-C / SIGTERM outside a child run (as while Ray runs them): 130 / 143, the parent KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    from clframe.errors import ClframeError
+    from clframe.runner import RunInterrupted
+    from clframe.sweep import plan_sweep, run_sweep
+
+    class Interrupted:
+        def run_children(self, *args):
+            raise KeyboardInterrupt if signum == signal.SIGINT else RunInterrupted("SIGTERM")
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    options = {"scenario": "split_digits", "strategy": "linear", "tracking_uri": uri, "run_name": "cut"}
+    with pytest.raises(ClframeError, match="sweep 'cut' interrupted") as stopped:
+        run_sweep(options, None, [], plan_sweep(["linear"]), execution=Interrupted(), echo=lambda text: None)
+    assert stopped.value.exit_code == 128 + signum
+    client = MlflowClient(uri)
+    [parent] = client.search_runs([client.get_experiment_by_name("clframe").experiment_id])
+    assert parent.info.status == "KILLED"

@@ -190,6 +190,26 @@ def test_a_peft_trainable_set_leaves_the_backbone_frozen_and_out_of_the_checkpoi
     assert any(k.startswith("backbone.") for k in build("er").trainable_state())  # trainable: all
 
 
+def test_rehearsal_refuses_several_processes_before_torchrun_starts_and_in_each_rank(monkeypatch):
+    """Under torchrun each rank would fill its own buffer from its shard (see strategies/baseline.py)."""
+    from click.testing import CliRunner
+
+    from clframe import cli, distributed
+    from conftest import TINY_SETS
+
+    def launched(nproc):
+        raise AssertionError("torchrun was launched")
+
+    monkeypatch.setattr(cli, "_launch_torchrun", launched)
+    result = CliRunner().invoke(cli.cli, ["run", "--strategy", "derpp", "--gpus", "2", "--device", "cpu", *TINY_SETS])
+    assert result.exit_code == 1 and str(result.exception) == (
+        "strategy derpp: rehearsal strategies run on one process: drop --gpus (or run it without torchrun)")
+    monkeypatch.setattr(distributed, "world", lambda: 2)  # a rank of torchrun started by hand
+    with pytest.raises(ClframeError, match="strategy gdumb: rehearsal strategies run on one process"):
+        build("gdumb")
+    assert build("lwf").count_trainable() > 0  # no buffer: not refused
+
+
 # ----- resume -----
 class StopAfterFirstTask(Exception):
     pass

@@ -364,6 +364,8 @@ def test_4_changed_data_is_refused_on_resume(world):
     assert "the data of folder_classes changed since" in line
     assert "the number of images per task, the images themselves differ" in line
     assert "warning: folder_classes on a randomly initialised" in results["data"]["stderr"]  # issue 19.10
+    (path,) = checkpoints(root / "data")  # the refused resume never reopened the killed run, still RUNNING:
+    assert not (path.parent / ".lock").read_bytes().startswith(b"ended")  # its lock must not say it was closed
 
 
 def test_4_fingerprint_sees_one_changed_pixel():
@@ -403,6 +405,36 @@ def test_5_run_lock_in_process(tmp_path):
         RunLock(tmp_path).acquire("r1")
     first.release()
     RunLock(tmp_path).acquire("r1").release()
+
+
+def test_5_blank_locks_are_not_abandoned_and_foreign_hosts_count_as_alive(tmp_path, monkeypatch):
+    import socket
+
+    from clframe import runfiles
+    from clframe.runfiles import RunLock, abandoned_runs
+
+    starting, dead, closed = (tmp_path / name for name in ("starting", "dead", "closed"))
+    for folder in (starting, dead, closed):
+        folder.mkdir()
+    (starting / ".lock").write_bytes(b"")  # created by try_acquire, not yet locked nor written
+    (dead / ".lock").write_text(f"4194305 0 {socket.gethostname()}\n")  # above any pid_max: no such process
+    (closed / ".lock").write_bytes(runfiles.ENDED)
+    found = [(run_id, lock) for run_id, lock in abandoned_runs(tmp_path)]
+    assert [run_id for run_id, _ in found] == ["dead"]
+    for _, lock in found:
+        lock.release(ended=False)
+    assert (starting / ".lock").read_bytes() == b""
+
+    def no_flock(handle, operation):  # a network file system without flock: the pid in the file decides
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(runfiles.fcntl, "flock", no_flock)
+    (dead / ".lock").write_text(f"{os.getpid()} 0 another-host-{socket.gethostname()}\n")
+    assert not RunLock(dead).try_acquire()  # its pid cannot be checked from here: alive
+    (dead / ".lock").write_text(f"4194305 0 {socket.gethostname()}\n")
+    taken = RunLock(dead)
+    assert taken.try_acquire()
+    taken.release()
 
 
 def _assert_refused_writing_nothing(result: dict, folder: Path, *expected: str) -> None:

@@ -132,6 +132,9 @@ def test_sweep_fields_are_typed_and_seeds_expand_every_child(tmp_path):
             plan_sweep(["linear"], str(sweep))
     with pytest.raises(ClframeError, match="--seed and --seeds"):
         CliRunner().invoke(cli, ["run", "--seeds", "0,1", "--seed", "3"], catch_exceptions=False)
+    for item in ("seed=3", "run.seed=3"):  # not silently overridden by each child's seed
+        with pytest.raises(ClframeError, match="--set seed=N and --seeds"):
+            CliRunner().invoke(cli, ["run", "--seeds", "0,1", "--set", item], catch_exceptions=False)
 
 
 def test_seeds_run_children_under_a_parent_that_logs_their_means(tmp_path, monkeypatch):
