@@ -10,10 +10,12 @@ for a run alone, and uses ``cpus_per_run`` torch threads: the results are those 
 with the same seed and thread count.
 
 Tracking: several processes log at once. With a local sqlite store (the default
-``sqlite:///mlflow.db``) a local ``mlflow server`` on that store runs for the sweep's duration and
-every run logs through it (artifacts stay where the embedded store puts them); an http(s)
-``--tracking-uri`` is used as it is. A cluster of more than one node needs a server that every
-node reaches, and says so in one line otherwise.
+``sqlite:///mlflow.db``) a local ``mlflow server`` on that store (``clframe.mlflow_server``) runs
+for the sweep's duration and every run logs through it (artifacts stay where the embedded store
+puts them). The run gets the server apart from its config (``tracking.logging_through``): its
+config and checkpoint name the sqlite store, so ``clframe run --resume CHILD`` after the sweep
+reaches the store, not a dead server. An http(s) ``--tracking-uri`` is used as it is. A cluster
+of more than one node needs a server that every node reaches, and says so in one line otherwise.
 
 Failure: a run that raises is FAILED with its error (its runner marks it); a run whose worker
 died is marked FAILED here, with Ray's reason. ``--fail-fast`` stops the sweep at the first

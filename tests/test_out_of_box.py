@@ -63,7 +63,7 @@ def clframe(*args: str) -> None:
     cli.main(args=list(args), standalone_mode=False, obj={"argv": list(args)})
 
 
-@pytest.mark.parametrize(("strategy", "scenario"), offline_pairs(), ids="-".join)
+@pytest.mark.parametrize(("strategy", "scenario"), offline_pairs(), ids=[f"{a}-{b}" for a, b in offline_pairs()])
 def test_every_strategy_learns_on_every_offline_scenario_it_serves_with_no_option(strategy, scenario, folder,
                                                                                     capsys):
     if strategy_traits(strategy)[1] == "open_clip" and importlib.util.find_spec("open_clip") is None:
@@ -220,11 +220,12 @@ def test_module_class_runs_from_the_users_folder_and_the_readme_example_from_the
     script = Path(sys.executable).with_name("clframe")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    quick = ["--no-progress", "--epochs", "1", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    quick = ["--no-progress", "--epochs", "1", "--set", "split_digits.n_tasks=1"]
     commands = {
-        mine: [str(script), "run", "--strategy", "my_strat:MyStrat", *quick, "--set", f"checkpoint_dir={tmp_path}/a"],
+        mine: [str(script), "run", "--strategy", "my_strat:MyStrat", *quick],  # its ./mlflow.db, ./.clframe
         REPO: [str(script), "run", "--strategy", "examples.cosine_linear:CosineLinear", "--set",
-               "examples.cosine_linear:CosineLinear.scale=10", *quick, "--set", f"checkpoint_dir={tmp_path}/b"],
+               "examples.cosine_linear:CosineLinear.scale=10", *quick, "--tracking-uri",
+               f"sqlite:///{tmp_path}/mlflow.db", "--set", f"checkpoint_dir={tmp_path}/checkpoints"],
     }
     processes = {cwd: subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        text=True) for cwd, command in commands.items()}
