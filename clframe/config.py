@@ -73,6 +73,8 @@ class RunConfig:
     test_crop: float = option(1.0, "test: resize to size/test_crop, keep the centre (0.875 = Resize 256 + "
                               "CenterCrop 224); 1 = plain resize", min=0.1)
     device: str = option("auto", "where to run", choices=("auto", "cpu", "cuda"))
+    cpu_threads: int | None = option(None, "threads torch computes with on the CPU; None = torch's default (one per "
+                                     "core). A small model runs faster on one (the offline scenarios set 1)", min=1)
     amp: str = option("auto", "mixed precision: bf16 autocast on CUDA when auto", choices=("auto", "bf16", "off"))
     frozen_bf16: bool = option(True, "under bf16 autocast, hold frozen Linear/Conv weights in bf16 (same "
                                "products, fewer casts)")
@@ -102,7 +104,7 @@ class RunConfig:
 # (clframe.runsets.NEUTRAL adds the seed and the names of where results and data live).
 RESUME_FREE_KEYS = frozenset({"run.progress", "run.tracking_uri", "run.checkpoint_dir", "run.eval_batch_size",
                               "run.run_name", "run.device", "run.compile", "run.frozen_bf16",
-                              "run.keep_full_checkpoint", "run.system_metrics"})
+                              "run.keep_full_checkpoint", "run.system_metrics", "run.cpu_threads"})
 
 
 def field_help(cls: type) -> dict[str, str]:

@@ -32,7 +32,8 @@ def clip() -> ClipBackbone:
 
 def make_config(strategy: str, scenario: str = "split_digits", sets: tuple[str, ...] = ()):
     cli = {"scenario": scenario, "strategy": strategy, "model": "clip_tiny", "device": "cpu", "progress": False}
-    return resolve_config(cli, None, ["epochs=2", "eval_batch_size=8", *sets], SCENARIOS.get(scenario).config_cls,
+    return resolve_config(cli, None, ["epochs=2", "eval_batch_size=8", "image_size=32", *sets],  # clip_tiny's own size
+                          SCENARIOS.get(scenario).config_cls,
                           STRATEGIES.get(strategy).config_cls)
 
 

@@ -13,7 +13,7 @@ def resolve(sets=(), config_file=None, **cli):
 
 def test_defaults_come_from_yaml_files():
     config = resolve()
-    assert config.run.image_size == 32  # configs/split_digits.yaml
+    assert config.run.image_size == 16  # configs/split_digits.yaml
     assert config.run.lr == 0.01        # configs/linear.yaml
     assert config.strategy.train_mask == "current"
 
