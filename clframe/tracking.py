@@ -360,6 +360,10 @@ class MlflowTracker:
         if monitor is not None:
             with contextlib.suppress(Exception):  # the run's status matters more than its last sample
                 monitor.finish()
+                if getattr(monitor, "_logging_step", 1) == 0:  # shorter than one sampling interval: one sample
+                    monitor.collect_metrics()
+                    monitor.publish_metrics(monitor.aggregate_metrics())
+                    monitor.mlflow_logger.flush()
         if self._client is not None and self.run_id is not None:
             retry_busy(lambda: self._client.set_terminated(self.run_id, status=status))
             self._client = None
