@@ -179,6 +179,7 @@ def list_components(name, scenario, strategy) -> None:
     with NAME (a strategy or scenario), every config key with its value, where that value comes
     from, and its help."""
     from clframe.registry import SCENARIOS, STRATEGIES, strategy_traits
+    from clframe.scenarios.base import KIND_NAMES
 
     if name:
         click.echo(describe_config(name, scenario, strategy))
@@ -193,13 +194,10 @@ def list_components(name, scenario, strategy) -> None:
         click.echo(f"  {entry_name + ('<Name>' if entry_name.endswith(':') else ''):24s} {first_line(entry.obj)}")
     click.echo("strategies (the stream kinds each serves; clframe list NAME shows its config):")
     for entry_name in STRATEGIES.names():
-        kinds = "+".join(KIND_SHORT.get(k, k) for k in strategy_traits(entry_name)[0])
+        kinds = "+".join(KIND_NAMES.get(k, k) for k in strategy_traits(entry_name)[0])
         click.echo(f"  {entry_name:14s} {kinds:18s} {first_line(STRATEGIES.get(entry_name).obj)}")
     click.echo("configs (configs/*.yaml):")
     click.echo("  " + " ".join(builtin_config_names()))
-
-
-KIND_SHORT = {"class_il": "class-IL", "domain_il": "domain-IL"}
 
 
 def describe_config(name: str, scenario: str | None, strategy: str | None) -> str:
@@ -212,6 +210,7 @@ def describe_config(name: str, scenario: str | None, strategy: str | None) -> st
     from clframe.config import ResolvedConfig
     from clframe.errors import closest
     from clframe.registry import SCENARIOS, STRATEGIES, strategy_traits
+    from clframe.scenarios.base import KIND_NAMES
 
     STRATEGIES.names()  # loads the built-ins
     if name in STRATEGIES._entries or (":" in name and name not in SCENARIOS._entries
@@ -239,7 +238,7 @@ def describe_config(name: str, scenario: str | None, strategy: str | None) -> st
     lines = []
     if section == pair["strategy"]:
         kinds, backbone = strategy_traits(name)
-        lines.append(f"strategy {name}: serves {', '.join(KIND_SHORT.get(k, k) for k in kinds)} streams; "
+        lines.append(f"strategy {name}: serves {', '.join(KIND_NAMES.get(k, k) for k in kinds)} streams; "
                      f"{backbone} backbone")
     else:
         lines.append(f"scenario {name}")

@@ -185,9 +185,10 @@ def enter_driver_folder(folder: str) -> None:
 
 
 def run_child(config: ResolvedConfig, parent_run_id: str, resume: str | None, folder: str, threads: int,
-              server: str | None = None):
-    """One child run in a Ray worker, logging through ``server`` if given; returns the runner's
-    RunResult (errors travel back to the driver)."""
+              server: str | None = None, task_end=None):
+    """One child run in a Ray worker (a sweep's child or a search's trial), logging through ``server``
+    if given, ``task_end`` as in ``run_experiment``; returns the runner's RunResult (errors travel back
+    to the driver)."""
     import torch
 
     from clframe.runner import run_experiment
@@ -196,7 +197,8 @@ def run_child(config: ResolvedConfig, parent_run_id: str, resume: str | None, fo
     enter_driver_folder(folder)
     torch.set_num_threads(threads)
     with logging_through(resolve_uri(config.run.tracking_uri), server):
-        return run_experiment(config, resume=resume, parent_run_id=parent_run_id, echo=lambda text: None)
+        return run_experiment(config, resume=resume, parent_run_id=parent_run_id, echo=lambda text: None,
+                              task_end=task_end)
 
 
 def failure_message(exc: BaseException) -> str:

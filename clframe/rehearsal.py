@@ -201,7 +201,7 @@ class RehearsalBuffer:
         device = self.images.device
         index = torch.randperm(self.size, generator=self._rng(device), device=device)[:m]
         return Replay(self.images[index], self.labels[index],
-                      self.logits[index] if self.logits is not None else None, self.tasks[index])
+                      self.logits[index] if self.logits is not None else None)
 
     def contents(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The filled rows' images and labels (views)."""
@@ -220,10 +220,6 @@ class RehearsalBuffer:
         if not self.size:
             return [0] * n_classes
         return torch.bincount(self.labels[:self.size], minlength=n_classes).tolist()
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.images, self.labels, self.tasks, self.ranks, self.logits)
-                   if t is not None)
 
     def histogram_csv(self, class_names: list[str]) -> str:
         counts = self.histogram(len(class_names))

@@ -41,7 +41,7 @@ from clframe.runfiles import (RunLock, abandoned_runs, check_writable_dir, is_di
                               remove_orphan_temporaries)
 from clframe.tracking import (FallbackTracker, NullTracker, absolute_uri, check_reachable, check_store, git_commit,
                               refuse_file_store, resolve_uri, store_failure)
-from clframe.scenarios.base import Stream, check_class_order, class_order_record
+from clframe.scenarios.base import KIND_NAMES, Stream, check_class_order, class_order_record
 from clframe.strategies.base import Strategy, StreamInfo
 
 
@@ -317,7 +317,7 @@ class HeldLocks:
 def run_header(config: ResolvedConfig, stream: Stream, strategy: Strategy, device: torch.device) -> str:
     """One line saying what runs: the stream and its order, the strategy, the model, device, seed."""
     run, order = config.run, stream.info.get("class_order")
-    kind = "class-IL" if stream.kind == "class_il" else "domain-IL" if stream.kind == "domain_il" else stream.kind
+    kind = KIND_NAMES.get(stream.kind, stream.kind)
     described = f"{stream.name} ({kind}, {stream.n_tasks} tasks"
     if stream.domain_names:
         described += f", domain order {' '.join(stream.domain_names)}"
@@ -436,8 +436,9 @@ def _drive(config: ResolvedConfig, device: torch.device, uri: str, saved: dict |
                     echo(f"resuming run {run_id} after task {engine.state.tasks_done}/{total} from {resume_path}")
             else:
                 tracker.log_text(config.to_yaml(), "config.yaml")
-                if class_order_record(stream, run) is not None:  # the order, with class names and tasks
-                    tracker.log_text(class_order_record(stream, run), "class_order.json")
+                order_record = class_order_record(stream, run)
+                if order_record is not None:  # the order, with class names and tasks
+                    tracker.log_text(order_record, "class_order.json")
             clock[0] = time.perf_counter() - float(saved.get("elapsed_s", 0.0) if saved else 0.0)
             acc_matrix = engine.run_all()
             kill_point("before_end")

@@ -42,9 +42,9 @@ import yaml
 
 from clframe.config import ResolvedConfig, build_section, option
 from clframe.errors import ClframeError
-from clframe.parallel_sweep import (RayOptions, enter_driver_folder, failure_message, ray_session, server_for_runs,
-                                    shared_tracking)
-from clframe.tracking import logging_through, resolve_uri
+from clframe.parallel_sweep import (RayOptions, enter_driver_folder, failure_message, ray_session, run_child,
+                                    server_for_runs, shared_tracking)
+from clframe.tracking import resolve_uri
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 OPTIONS_NOT_IN_COMMAND = {"scenario", "strategy", "run_name", "progress"}
@@ -123,13 +123,11 @@ def search_trial(params: dict, base: ResolvedConfig, parent_run_id: str, server:
                  folder: str, threads: int) -> None:
     """One trial in a Ray Tune actor: a child run that reports its task metrics at every task boundary
     (logging through ``server`` if given: see ``parallel_sweep.server_for_runs``)."""
-    import torch
     from ray import tune
 
-    from clframe.runner import RunInterrupted, RunKilled, run_experiment
+    from clframe.runner import RunInterrupted, RunKilled
 
-    enter_driver_folder(folder)
-    torch.set_num_threads(threads)
+    enter_driver_folder(folder)  # before the config resolves: a module:Class strategy imports from there
     config = apply_params(base, params)
     name = f"{prefix}-{tune.get_context().get_trial_id()}"
     config.run = dataclasses.replace(config.run, run_name=name, progress=False)
@@ -141,8 +139,7 @@ def search_trial(params: dict, base: ResolvedConfig, parent_run_id: str, server:
             raise RunInterrupted("stopped by the search's scheduler") from None
 
     try:
-        with logging_through(resolve_uri(config.run.tracking_uri), server):
-            run_experiment(config, parent_run_id=parent_run_id, echo=lambda text: None, task_end=report)
+        run_child(config, parent_run_id, None, folder, threads, server, task_end=report)
     except RunKilled:
         raise SystemExit(0) from None  # how a Tune function ends when told to stop
 

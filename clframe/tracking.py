@@ -34,6 +34,12 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # (mlflow/server/js: "genai_development", "custom_model_development", ...).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+
+
+def tag_experiment_kind(client, experiment) -> None:
+    """Tag an experiment an older clframe made, so the MLflow UI opens it on its runs."""
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 FALLBACK_DB = "mlflow-fallback.db"
 SQLITE_PREFIX = "sqlite:///"
 # What sqlite says about a damaged file, and about a store another process holds a moment too long.
@@ -280,8 +286,7 @@ class MlflowTracker:
                                f"the artifact folder of MLflow experiment '{self.experiment}'",
                                "run from a writable folder, or use another --experiment")
         if experiment is not None:
-            if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older clframe: tag it now
-                self._client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            tag_experiment_kind(self._client, experiment)
             return experiment.experiment_id
         try:
             return self._client.create_experiment(self.experiment, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})

@@ -12,7 +12,7 @@ import contextlib
 import signal
 
 from clframe.mlflow_server import local_mlflow_server
-from clframe.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, store_failure
+from clframe.tracking import store_failure, tag_experiment_kind
 
 
 def runs_view_url(base: str, experiment_id: str | None) -> str:
@@ -37,9 +37,8 @@ def find_experiment(uri: str, experiment: str) -> str | None:
         raise failure from None
     if found is None:
         return None
-    if EXPERIMENT_KIND_TAG not in found.tags:
-        with contextlib.suppress(Exception):  # a read-only store still browses
-            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    with contextlib.suppress(Exception):  # a read-only store still browses
+        tag_experiment_kind(client, found)
     return found.experiment_id
 
 

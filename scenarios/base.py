@@ -18,6 +18,7 @@ from clframe.errors import ClframeError
 
 CLASS_IL = "class_il"
 DOMAIN_IL = "domain_il"
+KIND_NAMES = {CLASS_IL: "class-IL", DOMAIN_IL: "domain-IL"}  # how the kinds are written to the user
 
 
 @dataclass

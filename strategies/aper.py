@@ -66,7 +66,8 @@ class Aper(SimpleCIL):
         return adapted_features(self.backbone, images, self.adapters)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([frozen_features(self.backbone, images), self.adapted(images)], dim=1)
+        frozen = frozen_features(self.backbone, images)
+        return torch.cat([frozen, self.adapted(images) if self.config.first_session else frozen], dim=1)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The PEFT module and its head during the first task; nothing afterwards (the engine then

@@ -113,7 +113,6 @@ class Replay:
     images: torch.Tensor  # uint8 [m, 3, H, W] on the engine's device
     labels: torch.Tensor  # int64 [m]
     logits: torch.Tensor | None = None  # stored at insertion (DER/DER++)
-    task_ids: torch.Tensor | None = None
 
 
 class EngineIO(Protocol):

@@ -53,6 +53,7 @@ class ICaRL(RehearsalStrategy):
 
     def before_task(self, experience: Experience) -> None:
         self.distilled = sorted(set(self.seen_classes) - set(experience.classes))
+        self.distilled_ids = torch.tensor(self.distilled, dtype=torch.long, device=self.device())  # once per task
         super().before_task(experience)
 
     def train_set(self, experience: Experience) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +72,7 @@ class ICaRL(RehearsalStrategy):
         logits = out.logits.float()
         targets = F.one_hot(batch.labels, logits.shape[1]).float()
         if self.distilled and self.has_teacher:
-            old = torch.tensor(self.distilled, device=logits.device)
+            old = self.distilled_ids
             targets[:, old] = torch.sigmoid(self.teacher_logits(batch)[:, old])
         if class_mask is not None:
             logits, targets = logits[:, class_mask], targets[:, class_mask]

@@ -42,14 +42,15 @@ class LwF(NetworkStrategy):
     config_cls = LwFConfig
 
     def before_task(self, experience: Experience) -> None:
-        self.old_classes = torch.tensor(self.seen_classes, dtype=torch.long)  # before this task's join
+        # before this task's join; on the device once, not copied there at every step
+        self.old_classes = torch.tensor(self.seen_classes, dtype=torch.long, device=self.device())
         super().before_task(experience)
 
     def loss(self, out: ForwardOutput, batch: Batch, class_mask: torch.Tensor | None) -> torch.Tensor:
         loss = super().loss(out, batch, class_mask)
         if not self.has_teacher or not len(self.old_classes):
             return loss
-        old = self.old_classes.to(out.logits.device)
+        old = self.old_classes
         teacher = self.teacher_logits(batch)
         return loss + self.config.alpha * distillation(out.logits[:, old], teacher[:, old], self.config.temperature)
 

@@ -107,10 +107,13 @@ class Slca(Strategy):
         covariances = torch.stack([self.stats.covariance(c) + self.config.covariance_ridge * eye for c in classes])
         return means, torch.linalg.cholesky(covariances)
 
-    def sample_features(self, classes: list[int], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``samples_per_class`` draws from each class's Gaussian, shuffled: (features, labels)."""
+    def sample_features(self, classes: list[int], generator: torch.Generator,
+                        gaussians: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``samples_per_class`` draws from each class's Gaussian, shuffled: (features, labels).
+        ``gaussians`` is ``class_gaussians(classes)`` when the caller already has it (one Cholesky
+        factorisation per alignment, not per epoch)."""
         n = self.config.samples_per_class
-        means, factors = self.class_gaussians(classes)
+        means, factors = gaussians if gaussians is not None else self.class_gaussians(classes)
         noise = torch.randn(len(classes), n, self.stats.dim, dtype=torch.float64, generator=generator,
                             device=generator.device)
         samples = (means.unsqueeze(1) + noise @ factors.transpose(1, 2)).reshape(-1, self.stats.dim).float()
@@ -128,12 +131,14 @@ class Slca(Strategy):
         generator = torch.Generator(device=self.home.device).manual_seed(task_seed(run.seed, self.task_id, 6))
         groups = [[i for i, c in enumerate(seen) if int(self.home[c]) == t] for t in range(self.task_id + 1)]
         groups = [g for g in groups if g]
+        gaussians = self.class_gaussians(seen)  # the statistics do not change while the head aligns
+        seen_ids = torch.tensor(seen, device=self.home.device)
         with torch.enable_grad():
             for epoch in range(self.config.ca_epochs):
                 for group in optimizer.param_groups:  # CosineAnnealingLR(T_max=ca_epochs), stepped per epoch
                     group["lr"] = run.lr * (1 + math.cos(math.pi * epoch / self.config.ca_epochs)) / 2
-                features, labels = self.sample_features(seen, generator)
-                targets = torch.searchsorted(torch.tensor(seen, device=labels.device), labels)
+                features, labels = self.sample_features(seen, generator, gaussians)
+                targets = torch.searchsorted(seen_ids.to(labels.device), labels)
                 for first in range(0, len(labels), self.config.samples_per_class):
                     rows = slice(first, first + self.config.samples_per_class)
                     logits = F.linear(features[rows], weight[seen], bias[seen])
