@@ -80,6 +80,9 @@ class RunConfig:
                                "products, fewer casts)")
     compile: str = option("auto", "torch.compile the backbone's blocks: auto = on CUDA (+28% L2P train img/s "
                           "on an H100), on, off", choices=("auto", "on", "off"))
+    cuda_graph: str = option("auto", "capture each task's training step (forward, backward, clipping, update) as "
+                             "one CUDA graph and replay it: auto = on CUDA, one process, strategies that allow "
+                             "it; on; off", choices=("auto", "on", "off"))
     seed: int = option(0, "seed for class order, initialisation, batches and augmentation", min=0, max=2**32 - 1)
     data_root: str = option("./data", "folder holding the data sets (e.g. cifar-100-python/)")
     tracking_uri: str | None = option(None, "MLflow tracking URI; None means sqlite:///mlflow.db here")
@@ -103,7 +106,7 @@ class RunConfig:
 # run and its resumption (clframe.runner), and they never split a seed group in clframe compare
 # (clframe.runsets.NEUTRAL adds the seed and the names of where results and data live).
 RESUME_FREE_KEYS = frozenset({"run.progress", "run.tracking_uri", "run.checkpoint_dir", "run.eval_batch_size",
-                              "run.run_name", "run.device", "run.compile", "run.frozen_bf16",
+                              "run.run_name", "run.device", "run.compile", "run.frozen_bf16", "run.cuda_graph",
                               "run.keep_full_checkpoint", "run.system_metrics", "run.cpu_threads"})
 
 

@@ -27,6 +27,7 @@ from clframe.augment import prepare
 from clframe.config import ResolvedConfig
 from clframe.errors import ClframeError
 from clframe.scenarios.base import CLASS_IL, Experience, Stream
+from clframe.step_graph import GraphedStep, StepCounts, make_capture_safe
 from clframe.strategies.base import Batch, Replay, Strategy
 
 
@@ -137,11 +138,35 @@ class Engine:
             fastpath.hold_frozen_in_bf16(self.strategy)
         if self.run.compile == "on" or (self.run.compile == "auto" and device.type == "cuda"):
             fastpath.compile_blocks(self.strategy.backbone)
+        self.graph_capture = self._graph_setting()
+        self.last_step_counts: StepCounts | None = None  # how the last task's steps ran
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        # No weight-cast cache: CUDA graph capture needs it off (clframe.step_graph), and it saves nothing
+        # here: frozen weights are held in bf16 already and a trainable one is used once per forward.
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
+
+    def _graph_setting(self) -> bool | None:
+        """How training steps run: True = captured CUDA graphs (clframe.step_graph), None = eager.
+        (Tests set False: the same bookkeeping over static buffers, without capture, on a CPU.)"""
+        setting = self.run.cuda_graph
+        if setting == "off":
+            return None
+        missing = None
+        if self.device.type != "cuda":
+            missing = "a CUDA device"
+        elif distributed.world() > 1:
+            missing = "one process per run (not --gpus N)"
+        elif not self.strategy.capturable_step:
+            missing = f"a strategy whose training step can be captured ({self.strategy.name}'s cannot)"
+        if missing is None:
+            return True
+        if setting == "on":
+            raise ClframeError(f"cuda_graph=on needs {missing}; use --set cuda_graph=auto (captures where it can) "
+                               f"or off")
+        return None
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -169,6 +194,8 @@ class Engine:
         epochs = run.epochs if optimizer is not None and n else 0  # nothing trains (prototype methods): no loop
         self.optimizer = optimizer  # kept for the task-boundary checkpoint
         watch = DivergenceWatch(self.device)
+        graphed = self._graphed_step(class_mask, params, optimizer) if epochs else None
+        self.last_step_counts = graphed.counts if graphed is not None else None
         strategy.train()
         self._sync()
         start = time.perf_counter()
@@ -190,22 +217,11 @@ class Engine:
                     replay = strategy.replay(len(index))
                     if replay is not None:
                         self._append_replay(batch, replay, augment)
-                    with self.autocast():
-                        out = strategy(batch)  # every rank runs it, even on an empty shard (collectives inside)
-                    if not len(index):  # this rank holds none of a short last batch: it adds nothing
-                        loss = torch.zeros((), device=self.device)
-                    else:
-                        loss = strategy.loss(out, batch, class_mask)
-                        if sharded:  # its share of the global-batch mean
-                            loss = loss * (len(index) / (end - first))
-                    if optimizer is not None:
-                        optimizer.zero_grad(set_to_none=True)
-                        if loss.requires_grad:
-                            loss.backward()
-                        distributed.all_reduce_grads(params)
-                        if run.grad_clip > 0:
-                            torch.nn.utils.clip_grad_norm_(params, run.grad_clip)
-                        optimizer.step()
+                    if graphed is not None:
+                        loss = graphed(batch)
+                    else:  # every rank steps, even on an empty shard (collectives inside)
+                        weight = (len(index) / (end - first)) if sharded else None  # its share of the global mean
+                        loss = self._train_step(batch, class_mask, params, optimizer, weight)
                     loss_sum += loss.detach()
                     watch.update(loss, epoch * steps + step)
                     bar.update(1)
@@ -225,7 +241,46 @@ class Engine:
         self._sync()
         self.timer.seconds["train"] += time.perf_counter() - start
         self.timer.images["train"] += n * epochs
+        if graphed is not None:
+            graphed.close()  # after the sync above: no replay is pending
         strategy.after_task(experience)
+
+    def _train_step(self, batch: Batch, class_mask: torch.Tensor | None, params: list[torch.nn.Parameter],
+                    optimizer: torch.optim.Optimizer, weight: float | None = None) -> torch.Tensor:
+        """One optimisation step: forward, loss, backward, gradient all-reduce and clipping, update.
+        ``weight`` scales the loss to this rank's share of a sharded global batch (0: an empty shard,
+        which still joins the collectives). Captured whole by :class:`GraphedStep` where it can be."""
+        run, strategy = self.run, self.strategy
+        with self.autocast():
+            out = strategy(batch)
+        if weight == 0:
+            loss = torch.zeros((), device=self.device)
+        else:
+            loss = strategy.loss(out, batch, class_mask)
+            if weight is not None:
+                loss = loss * weight
+        optimizer.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+        distributed.all_reduce_grads(params)
+        if run.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, run.grad_clip)
+        optimizer.step()
+        return loss
+
+    def _graphed_step(self, class_mask: torch.Tensor | None, params: list[torch.nn.Parameter],
+                      optimizer: torch.optim.Optimizer) -> GraphedStep | None:
+        """This task's captured step, or None to step eagerly (``cuda_graph`` off or not possible)."""
+        if self.graph_capture is None:
+            return None
+        if not make_capture_safe(optimizer, self.device):
+            if self.run.cuda_graph == "on":
+                raise ClframeError(f"cuda_graph=on: a {type(optimizer).__name__} optimizer cannot be captured "
+                                   f"(Adam, AdamW and SGD can); use --set cuda_graph=auto")
+            return None
+        return GraphedStep(lambda batch: self._train_step(batch, class_mask, params, optimizer),
+                           self.run.batch_size, self.device, capture=self.graph_capture,
+                           strict=self.run.cuda_graph == "on")
 
     def _append_replay(self, batch: Batch, replay: Replay, augment: torch.Generator) -> None:
         """Rehearsal: the replayed uint8 images are augmented as the current ones (same generator,

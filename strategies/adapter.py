@@ -38,6 +38,7 @@ class Adapter(Strategy):
     """Adapters: bottleneck MLPs in every block and a linear head train."""
 
     config_cls = AdapterConfig
+    capturable_step = True
 
     def __init__(self, config: AdapterConfig, run: RunConfig, info: StreamInfo) -> None:
         super().__init__(config, run, info)

@@ -45,6 +45,9 @@ Hooks and what they may change:
 - ``extra_params(image_shape)``: MLflow params the strategy adds when the run opens (e.g. a rehearsal
   buffer's size and bytes); ``image_shape`` is the stream's stored uint8 image shape [3, H, W].
 - ``extra_state()`` / ``load_extra_state()``: non-parameter state a checkpoint must keep.
+- ``capturable_step = True`` (class attribute): the strategy promises that its training forward and
+  loss can be captured as one CUDA graph with the backward and the update (see clframe.step_graph:
+  no host sync, no Python state that changes within a task); the engine then replays the step.
 
 Read-only continual-learning state: ``seen_classes``, ``current_classes``, ``task_id``.
 """
@@ -148,6 +151,10 @@ class Strategy(nn.Module, abc.ABC):
     # which picks the run keys a scenario's config file gives it (``backbones:`` in configs/<scenario>.yaml).
     kinds: ClassVar[tuple[str, ...]] = (CLASS_IL, DOMAIN_IL)
     backbone_kind: ClassVar[str] = "timm"
+    # The training step (forward + loss) may be captured as a CUDA graph (clframe.step_graph): it makes
+    # no host sync, reads the batch only through its images/labels/index tensors, depends on no Python
+    # value that changes within a task, and changes state only by tensor operations on the device.
+    capturable_step: ClassVar[bool] = False
 
     def __init__(self, config: Any, run: RunConfig, info: StreamInfo) -> None:
         super().__init__()

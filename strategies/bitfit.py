@@ -26,6 +26,7 @@ class Bitfit(Strategy):
     """BitFit: the backbone's bias terms and a linear head train."""
 
     config_cls = BitfitConfig
+    capturable_step = True
 
     def __init__(self, config: BitfitConfig, run: RunConfig, info: StreamInfo) -> None:
         super().__init__(config, run, info)

@@ -86,6 +86,7 @@ class CodaPrompt(Strategy):
     """CODA-Prompt: per-block prefixes mixed from components by attended query-key cosine; [CLS] head."""
 
     config_cls = CodaPromptConfig
+    capturable_step = True
 
     def __init__(self, config: CodaPromptConfig, run: RunConfig, info: StreamInfo) -> None:
         super().__init__(config, run, info)

@@ -54,6 +54,7 @@ class DualPrompt(Strategy):
     """DualPrompt: a shared G-prompt and a keyed E-prompt per task on a frozen ViT; [CLS] head."""
 
     config_cls = DualPromptConfig
+    capturable_step = True
 
     def __init__(self, config: DualPromptConfig, run: RunConfig, info: StreamInfo) -> None:
         super().__init__(config, run, info)

@@ -21,6 +21,7 @@ class Finetune(Strategy):
     """Full fine-tuning: every weight trains on each task in turn (the forgetting lower bound)."""
 
     config_cls = FinetuneConfig
+    capturable_step = True
 
     def __init__(self, config: FinetuneConfig, run: RunConfig, info: StreamInfo) -> None:
         super().__init__(config, run, info)

@@ -63,6 +63,7 @@ class L2P(Strategy):
     """Learning to Prompt: a prompt pool with learned keys on a frozen ViT."""
 
     config_cls = L2PConfig
+    capturable_step = True
 
     def __init__(self, config: L2PConfig, run: RunConfig, info: StreamInfo) -> None:
         super().__init__(config, run, info)

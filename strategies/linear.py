@@ -21,6 +21,7 @@ class Linear(Strategy):
     """Only the head trains; features come from the frozen backbone without autograd."""
 
     config_cls = LinearConfig
+    capturable_step = True
 
     def __init__(self, config: LinearConfig, run: RunConfig, info: StreamInfo) -> None:
         super().__init__(config, run, info)

@@ -28,6 +28,7 @@ class MlpK(Strategy):
     """Mlp-k: only a k-layer MLP classifier on the frozen features trains."""
 
     config_cls = MlpKConfig
+    capturable_step = True
 
     def __init__(self, config: MlpKConfig, run: RunConfig, info: StreamInfo) -> None:
         super().__init__(config, run, info)

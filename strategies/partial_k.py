@@ -28,6 +28,7 @@ class PartialK(Strategy):
     """Partial-k: the last k blocks, the final norm and a linear head train."""
 
     config_cls = PartialKConfig
+    capturable_step = True
 
     def __init__(self, config: PartialKConfig, run: RunConfig, info: StreamInfo) -> None:
         super().__init__(config, run, info)

@@ -33,6 +33,7 @@ class Prefix(Strategy):
     """Prefix-tuning: per-layer key/value prefixes and a linear head train."""
 
     config_cls = PrefixConfig
+    capturable_step = True
 
     def __init__(self, config: PrefixConfig, run: RunConfig, info: StreamInfo) -> None:
         super().__init__(config, run, info)

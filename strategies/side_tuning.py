@@ -49,6 +49,7 @@ class SideTuning(Strategy):
     """Side-tuning: a side network, its projection, the blend weight and a linear head train."""
 
     config_cls = SideTuningConfig
+    capturable_step = True
 
     def __init__(self, config: SideTuningConfig, run: RunConfig, info: StreamInfo) -> None:
         super().__init__(config, run, info)

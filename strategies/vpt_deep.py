@@ -24,6 +24,7 @@ class VptDeep(VptShallow):
     """VPT-Deep: L prompt tokens per block (replacing the previous block's) and a linear head train."""
 
     config_cls = VptDeepConfig
+    capturable_step = True
 
     def prompt_shape(self) -> tuple[int, ...]:
         return len(self.backbone.blocks), self.config.length, self.backbone.embed_dim

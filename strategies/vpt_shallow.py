@@ -30,6 +30,7 @@ class VptShallow(Strategy):
     """VPT-Shallow: L prompt tokens at the input of block 0 and a linear head train."""
 
     config_cls = VptShallowConfig
+    capturable_step = True
 
     def __init__(self, config: VptShallowConfig, run: RunConfig, info: StreamInfo) -> None:
         super().__init__(config, run, info)

@@ -1,0 +1,137 @@
+"""The captured training step (clframe.step_graph) is the eager step: same losses, same parameters.
+
+On a CPU the engine's graph bookkeeping runs without capture (``graph_capture = False``: warm-up,
+static buffers filled per batch, eager short batches, a new graph per task), which must give the
+eager engine's numbers exactly. On CUDA the real capture is compared with the eager step.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from clframe.config import resolve_config
+from clframe.engine import Engine
+from clframe.errors import ClframeError
+from clframe.registry import SCENARIOS, STRATEGIES
+from clframe.runner import build_stream, build_strategy
+from clframe.step_graph import WARMUP_STEPS, GraphedStep, make_capture_safe
+from clframe.strategies.base import Batch
+
+BATCH = 64  # split_digits with 2 tasks: 670 and 677 training images, so every epoch ends on a short batch
+EPOCHS = 2
+
+
+def make_engine(strategy: str, sets: list[str], device: str = "cpu") -> tuple[Engine, list[float]]:
+    config = resolve_config(dict(scenario="split_digits", strategy=strategy, progress=False), None,
+                            ["split_digits.n_tasks=2",
+                             f"epochs={EPOCHS}", f"batch_size={BATCH}", "lr=0.01", *sets],
+                            SCENARIOS.get("split_digits").config_cls, STRATEGIES.get(strategy).config_cls)
+    stream = build_stream(config)
+    losses: list[float] = []
+
+    def log(metrics, step):
+        if "train/loss" in metrics:
+            losses.append(metrics["train/loss"])
+
+    torch.manual_seed(0)
+    return Engine(config, stream, build_strategy(config, stream), torch.device(device), log), losses
+
+
+def trained(engine: Engine) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().clone() for name, p in engine.strategy.named_parameters() if p.requires_grad}
+
+
+def expected_counts(engine: Engine, experience) -> tuple[int, int]:
+    """(eager, replayed) steps of one task: the warm-up and every short batch run eagerly."""
+    n = len(experience.train_labels)
+    full, short = n // BATCH, int(n % BATCH > 0)
+    return WARMUP_STEPS + short * EPOCHS, full * EPOCHS - WARMUP_STEPS
+
+
+@pytest.mark.parametrize("strategy", ["l2p", "dualprompt", "vpt_deep"])
+def test_static_buffer_step_gives_the_eager_engines_losses_and_parameters(strategy):
+    eager, eager_losses = make_engine(strategy, [])
+    graphed, graphed_losses = make_engine(strategy, [])
+    assert eager.graph_capture is None and graphed.graph_capture is None  # auto on a CPU: eager
+    graphed.graph_capture = False  # the graph path's bookkeeping without capture
+    for experience in eager.train_experiences:  # two tasks: a new optimizer and a new graph in the second
+        eager.train_task(experience)
+        graphed.train_task(experience)
+        counts = graphed.last_step_counts
+        assert eager.last_step_counts is None
+        assert (counts.eager, counts.replayed) == expected_counts(graphed, experience)
+        assert counts.captures == 1 and not counts.fallbacks
+        for name, value in trained(eager).items():
+            assert torch.equal(value, trained(graphed)[name]), name
+    assert len(eager_losses) == 2 * EPOCHS and eager_losses == graphed_losses
+    matrix = [eager.evaluate(e) for e in eager.stream.experiences]
+    assert matrix == [graphed.evaluate(e) for e in graphed.stream.experiences]
+
+
+def test_replays_read_each_batch_not_the_captured_one():
+    """Every replay must see its own batch: the static buffers are refilled, never left at the
+    batch the step was captured with."""
+    seen: list[torch.Tensor] = []
+
+    def step(batch: Batch) -> torch.Tensor:
+        seen.append(batch.images.clone())
+        return batch.images.sum()
+
+    runner = GraphedStep(step, batch_size=2, device=torch.device("cpu"), capture=False, warmup=1)
+    batches = [Batch(torch.full((2, 1), float(i)), torch.zeros(2, dtype=torch.long), 0, True) for i in range(4)]
+    losses = [float(runner(b)) for b in batches]
+    short = float(runner(Batch(torch.full((1, 1), 9.0), torch.zeros(1, dtype=torch.long), 0, True)))
+    assert losses == [0.0, 2.0, 4.0, 6.0] and short == 9.0
+    assert (runner.counts.eager, runner.counts.replayed, runner.counts.captures) == (2, 3, 1)
+
+
+def test_cuda_graph_setting_refuses_what_cannot_be_captured():
+    with pytest.raises(ClframeError, match="cuda_graph=on needs a CUDA device"):
+        make_engine("l2p", ["cuda_graph=on"])
+    engine, _ = make_engine("l2p", ["cuda_graph=off"])
+    assert engine.graph_capture is None
+    engine.device = torch.device("cuda")  # the checks only; nothing runs there
+    engine.run.cuda_graph = "on"
+    assert engine._graph_setting() is True
+    rehearsal, _ = make_engine("er", ["cuda_graph=off"])
+    rehearsal.device, rehearsal.run.cuda_graph = torch.device("cuda"), "on"
+    with pytest.raises(ClframeError, match="er's cannot"):
+        rehearsal._graph_setting()
+    rehearsal.run.cuda_graph = "auto"
+    assert rehearsal._graph_setting() is None
+
+
+def test_capture_safe_optimizers():
+    param = torch.nn.Parameter(torch.zeros(3))
+    adam = torch.optim.Adam([param], lr=0.1)
+    assert make_capture_safe(adam, torch.device("cuda")) and adam.param_groups[0]["capturable"] is True
+    cpu_adam = torch.optim.AdamW([param], lr=0.1)
+    assert make_capture_safe(cpu_adam, torch.device("cpu")) and not cpu_adam.param_groups[0]["capturable"]
+    assert make_capture_safe(torch.optim.SGD([param], lr=0.1, momentum=0.9), torch.device("cuda"))
+    assert not make_capture_safe(torch.optim.RMSprop([param], lr=0.1), torch.device("cuda"))
+
+
+CAPTURABLE = sorted(name for name in STRATEGIES._entries if STRATEGIES.get(name).obj.capturable_step)
+# Dropout inside the step draws from the same generator in another order when replayed: off for the comparison.
+NO_DROPOUT = {"adapter": ["adapter.dropout=0"], "vpt_shallow": ["vpt_shallow.dropout=0"], "vpt_deep": ["vpt_deep.dropout=0"]}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("strategy", CAPTURABLE)
+def test_captured_step_matches_eager_on_cuda(strategy):
+    """Real capture against the eager step, bf16 autocast, two tasks with short last batches.
+    Scatter-adds in the backward (prompt gathers) sum in any order, hence a tolerance."""
+    sets = ["compile=off", *NO_DROPOUT.get(strategy, [])]
+    eager, eager_losses = make_engine(strategy, ["cuda_graph=off", *sets], "cuda")
+    graphed, graphed_losses = make_engine(strategy, ["cuda_graph=on", *sets], "cuda")
+    assert graphed.graph_capture is True
+    for experience in eager.train_experiences:
+        eager.train_task(experience)
+        graphed.train_task(experience)
+        counts = graphed.last_step_counts
+        assert (counts.eager, counts.replayed) == expected_counts(graphed, experience)
+        assert counts.captures == 1 and not counts.fallbacks
+        for name, value in trained(eager).items():
+            torch.testing.assert_close(trained(graphed)[name], value, rtol=1e-3, atol=1e-4, msg=name)
+    np.testing.assert_allclose(graphed_losses, eager_losses, rtol=1e-4, atol=1e-5)
