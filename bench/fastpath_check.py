@@ -1,7 +1,8 @@
 """Fast path vs plain path on the same seed and data: the accuracy matrices must agree.
 
-The plain path is fp32 eager (``amp=off frozen_bf16=false compile=off``); the fast path is the
-CUDA default (bf16 autocast, frozen weights held in bf16, compiled blocks). Runs the offline
+The plain path is fp32 eager (``amp=off frozen_bf16=false compile=off cuda_graph=off``); the fast
+path is the CUDA default (bf16 autocast, frozen weights held in bf16, compiled blocks, the training
+step captured as a CUDA graph). Runs the offline
 Split Digits stream, so it needs no data, and prints one JSON line per path plus the largest
 difference.
 
@@ -23,7 +24,7 @@ from clframe.config import resolve_config  # noqa: E402
 from clframe.registry import SCENARIOS, STRATEGIES  # noqa: E402
 from clframe.runner import run_experiment  # noqa: E402
 
-PATHS = {"plain": ["amp=off", "frozen_bf16=false", "compile=off"], "fast": []}
+PATHS = {"plain": ["amp=off", "frozen_bf16=false", "compile=off", "cuda_graph=off"], "fast": []}
 
 
 def main() -> None:

@@ -371,8 +371,7 @@ def domain_runs(tmp_path_factory, request):
     its time importing); the tests at the end wait for them."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def run(strategy: str):
-        folder = tmp_path_factory.mktemp(strategy)
+    def run(strategy: str, folder: Path):
         return folder, clframe_subprocess(["run", "--scenario", "rotated_digits", "--strategy", strategy, "--set",
                                            "rotated_digits.angles=[0, 90, 180]", *tiny_run_options(folder)],
                                           cwd=folder)
@@ -382,7 +381,9 @@ def domain_runs(tmp_path_factory, request):
     available = [s for s in STRATEGIES if s in selected
                  and (Path(__file__).parents[1] / "strategies" / f"{s}.py").exists()]
     pool = ThreadPoolExecutor(max(1, len(available)))
-    futures = {strategy: pool.submit(run, strategy) for strategy in available}
+    # Folders are made here, not in the threads: mktemp creates the base temp folder lazily, and two
+    # threads doing that at once (the first tmp use of an xdist worker) race on its mkdir.
+    futures = {strategy: pool.submit(run, strategy, tmp_path_factory.mktemp(strategy)) for strategy in available}
     yield futures
     pool.shutdown(wait=True)
 
