@@ -89,6 +89,21 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def cuda_graph_missing(device: torch.device, strategy_cls: type[Strategy]) -> str | None:
+    """What a captured training step would need and this run lacks (None: it can be captured)."""
+    if device.type != "cuda":
+        return "a CUDA device"
+    if distributed.world() > 1:
+        return "one process per run (not --gpus N)"
+    if not strategy_cls.capturable_step:
+        return f"a strategy whose training step can be captured ({strategy_cls.name}'s cannot)"
+    return None
+
+
+def cuda_graph_refused(missing: str) -> ClframeError:
+    return ClframeError(f"cuda_graph=on needs {missing}; use --set cuda_graph=auto (captures where it can) or off")
+
+
 def task_seed(seed: int, task_id: int, salt: int = 0) -> int:
     """Per-task seeds, so a run resumed at a task boundary draws exactly what an uninterrupted one does."""
     return (seed * 1_000_003 + task_id * 7919 + salt) % (2**63 - 1)
@@ -151,22 +166,12 @@ class Engine:
     def _graph_setting(self) -> bool | None:
         """How training steps run: True = captured CUDA graphs (clframe.step_graph), None = eager.
         (Tests set False: the same bookkeeping over static buffers, without capture, on a CPU.)"""
-        setting = self.run.cuda_graph
-        if setting == "off":
+        if self.run.cuda_graph == "off":
             return None
-        missing = None
-        if self.device.type != "cuda":
-            missing = "a CUDA device"
-        elif distributed.world() > 1:
-            missing = "one process per run (not --gpus N)"
-        elif not self.strategy.capturable_step:
-            missing = f"a strategy whose training step can be captured ({self.strategy.name}'s cannot)"
-        if missing is None:
-            return True
-        if setting == "on":
-            raise ClframeError(f"cuda_graph=on needs {missing}; use --set cuda_graph=auto (captures where it can) "
-                               f"or off")
-        return None
+        missing = cuda_graph_missing(self.device, type(self.strategy))
+        if missing is not None and self.run.cuda_graph == "on":
+            raise cuda_graph_refused(missing)
+        return None if missing is not None else True
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

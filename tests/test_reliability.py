@@ -367,6 +367,7 @@ BAD_INPUT = [
     ("weights-misfit", ["--weights", "weights.pth", *TINY], "weights-other-width", "--weights weights.pth does not fit model 'vit_tiny_patch16_224'"),
     ("weights-garbage", ["--weights", "weights.pth", *TINY], "weights-garbage", "--weights weights.pth is not a readable weights file"),
     ("cuda-without-gpu", ["--device", "cuda"], None, "--device cuda was asked for but no CUDA GPU is visible"),
+    ("cuda-graph-on-cpu", ["--set", "cuda_graph=on", "--device", "cpu"], None, "cuda_graph=on needs a CUDA device; use --set cuda_graph=auto"),
     ("gpus-without-gpu", ["--gpus", "2"], None, "--gpus 2 asks for 2 GPUs but 0 are visible; use --gpus 1, or --device cpu"),
     ("gpus-cuda-without-gpu", ["--gpus", "2", "--device", "cuda"], None, "--device cuda was asked for but no CUDA GPU is visible"),
     ("tracking-unreachable", ["--tracking-uri", "http://127.0.0.1:9"], None, "MLflow tracking server http://127.0.0.1:9 is unreachable"),
