@@ -271,7 +271,7 @@ class Engine:
         if run.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, run.grad_clip)
         optimizer.step()
-        return loss
+        return loss.detach()  # the autograd graph goes now, not when the next step rebinds ``loss``
 
     def _graphed_step(self, class_mask: torch.Tensor | None, params: list[torch.nn.Parameter],
                       optimizer: torch.optim.Optimizer) -> GraphedStep | None:

@@ -114,14 +114,16 @@ def test_capture_safe_optimizers():
 
 CAPTURABLE = sorted(name for name in STRATEGIES._entries if STRATEGIES.get(name).obj.capturable_step)
 # Dropout inside the step draws from the same generator in another order when replayed: off for the comparison.
-NO_DROPOUT = {"adapter": ["adapter.dropout=0"], "vpt_shallow": ["vpt_shallow.dropout=0"], "vpt_deep": ["vpt_deep.dropout=0"]}
+NO_DROPOUT = {"adapter": ["adapter.dropout=0"], "mlp_k": ["mlp_k.dropout=0"], "vpt_shallow": ["vpt_shallow.dropout=0"],
+              "vpt_deep": ["vpt_deep.dropout=0"]}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.parametrize("strategy", CAPTURABLE)
 def test_captured_step_matches_eager_on_cuda(strategy):
     """Real capture against the eager step, bf16 autocast, two tasks with short last batches.
-    Scatter-adds in the backward (prompt gathers) sum in any order, hence a tolerance."""
+    Scatter-adds in the backward (prompt gathers) sum in any order, hence a tolerance; a replay that read
+    stale inputs or skipped the update would be off by the learning rate (0.01) per step."""
     sets = ["compile=off", *NO_DROPOUT.get(strategy, [])]
     eager, eager_losses = make_engine(strategy, ["cuda_graph=off", *sets], "cuda")
     graphed, graphed_losses = make_engine(strategy, ["cuda_graph=on", *sets], "cuda")
@@ -133,5 +135,5 @@ def test_captured_step_matches_eager_on_cuda(strategy):
         assert (counts.eager, counts.replayed) == expected_counts(graphed, experience)
         assert counts.captures == 1 and not counts.fallbacks
         for name, value in trained(eager).items():
-            torch.testing.assert_close(trained(graphed)[name], value, rtol=1e-3, atol=1e-4, msg=name)
+            torch.testing.assert_close(trained(graphed)[name], value, rtol=1e-3, atol=1e-3, msg=name)
     np.testing.assert_allclose(graphed_losses, eager_losses, rtol=1e-4, atol=1e-5)
