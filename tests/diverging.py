@@ -12,6 +12,8 @@ BAD_TASK, BAD_STEP = 1, 2  # 0-based: the 3rd step of the 2nd task
 class Diverging(Linear):
     """The linear probe, except that one training batch gets NaN logits."""
 
+    capturable_step = False  # its step counter is Python state: a replayed graph would not advance it
+
     def forward(self, batch: Batch) -> ForwardOutput:
         out = super().forward(batch)
         if batch.training and self.task_id == BAD_TASK:
