@@ -95,9 +95,16 @@ def cuda_graph_missing(device: torch.device, strategy_cls: type[Strategy]) -> st
         return "a CUDA device"
     if distributed.world() > 1:
         return "one process per run (not --gpus N)"
-    if not strategy_cls.capturable_step:
-        return f"a strategy whose training step can be captured ({strategy_cls.name}'s cannot)"
+    if not declares_capturable_step(strategy_cls):
+        return (f"a strategy whose class declares capturable_step = True ({strategy_cls.name}'s does not; a "
+                f"subclass declares it itself, once its own forward and loss allow it)")
     return None
+
+
+def declares_capturable_step(strategy_cls: type[Strategy]) -> bool:
+    """Whether the class itself says its step can be captured. Not inherited: a subclass of a capturable
+    strategy may add Python state to ``forward`` that a replayed graph would silently skip."""
+    return bool(strategy_cls.__dict__.get("capturable_step", False))
 
 
 def cuda_graph_refused(missing: str) -> ClframeError:

@@ -48,6 +48,7 @@ Hooks and what they may change:
 - ``capturable_step = True`` (class attribute): the strategy promises that its training forward and
   loss can be captured as one CUDA graph with the backward and the update (see clframe.step_graph:
   no host sync, no Python state that changes within a task); the engine then replays the step.
+  It is not inherited: a subclass of a capturable strategy steps eagerly until it declares it too.
 
 Read-only continual-learning state: ``seen_classes``, ``current_classes``, ``task_id``.
 """
@@ -154,6 +155,7 @@ class Strategy(nn.Module, abc.ABC):
     # The training step (forward + loss) may be captured as a CUDA graph (clframe.step_graph): it makes
     # no host sync, reads the batch only through its images/labels/index tensors, depends on no Python
     # value that changes within a task, and changes state only by tensor operations on the device.
+    # Read from the class itself, never inherited (clframe.engine.declares_capturable_step).
     capturable_step: ClassVar[bool] = False
 
     def __init__(self, config: Any, run: RunConfig, info: StreamInfo) -> None:
