@@ -27,9 +27,10 @@ step on the static buffers instead of replaying: what the CPU tests exercise.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -81,12 +82,11 @@ class GraphedStep:
         self.static: Batch | None = None
         self.loss: torch.Tensor | None = None
         self.graph: "torch.cuda.CUDAGraph | None" = None
-        self.failed = False
         self.warmed = 0  # full batches run eagerly on the capture stream so far
         self.stream = torch.cuda.Stream(device) if self.capture else None
 
     def __call__(self, batch: Batch) -> torch.Tensor:
-        if self.failed or len(batch.labels) != self.batch_size or batch.replay is not None:
+        if self.counts.fallbacks or len(batch.labels) != self.batch_size or batch.replay is not None:
             return self._eager(batch)
         if self.warmed < self.warmup:
             self.warmed += 1
@@ -106,16 +106,22 @@ class GraphedStep:
         self.graph = self.static = self.loss = None
 
     # ----- internals -----
+    @contextlib.contextmanager
+    def _joined(self) -> Iterator[None]:
+        """Work queued on the capture stream inside starts after, and is waited for by, the current stream."""
+        current = torch.cuda.current_stream(self.stream.device)
+        self.stream.wait_stream(current)
+        try:
+            yield
+        finally:
+            current.wait_stream(self.stream)
+
     def _eager(self, batch: Batch, side_stream: bool = False) -> torch.Tensor:
         self.counts.eager += 1
         if not side_stream or self.stream is None:
             return self.step(batch)
-        current = torch.cuda.current_stream(self.stream.device)
-        self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
-            loss = self.step(batch)
-        current.wait_stream(self.stream)
-        return loss
+        with self._joined(), torch.cuda.stream(self.stream):
+            return self.step(batch)
 
     def _fill(self, batch: Batch) -> None:
         static = self.static
@@ -132,15 +138,11 @@ class GraphedStep:
             self.counts.captures += 1
             return True
         graph = torch.cuda.CUDAGraph()
-        current = torch.cuda.current_stream(self.stream.device)
-        self.stream.wait_stream(current)
         try:
             # thread_local: other threads (MLflow's system-metrics sampler) may call CUDA meanwhile.
-            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            with self._joined(), torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                 loss = self.step(static)
         except Exception as error:  # noqa: BLE001 - any failure to capture: fall back to eager (or refuse)
-            current.wait_stream(self.stream)
-            self.failed = True
             reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             self.counts.fallbacks.append(reason)
             if self.strict:
@@ -148,7 +150,6 @@ class GraphedStep:
             warnings.warn(f"the training step could not be captured as a CUDA graph ({reason}); this task steps "
                           f"eagerly (--set cuda_graph=off skips the attempt)", RuntimeWarning, stacklevel=2)
             return False
-        current.wait_stream(self.stream)
         # Detached: the static output keeps its storage, and the captured autograd graph (saved activations,
         # AccumulateGrad nodes bound to the capture stream) is released.
         self.static, self.loss, self.graph = static, loss.detach(), graph

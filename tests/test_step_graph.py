@@ -42,7 +42,7 @@ def trained(engine: Engine) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().clone() for name, p in engine.strategy.named_parameters() if p.requires_grad}
 
 
-def expected_counts(engine: Engine, experience) -> tuple[int, int]:
+def expected_counts(experience) -> tuple[int, int]:
     """(eager, replayed) steps of one task: the warm-up and every short batch run eagerly."""
     n = len(experience.train_labels)
     full, short = n // BATCH, int(n % BATCH > 0)
@@ -60,7 +60,7 @@ def test_static_buffer_step_gives_the_eager_engines_losses_and_parameters(strate
         graphed.train_task(experience)
         counts = graphed.last_step_counts
         assert eager.last_step_counts is None
-        assert (counts.eager, counts.replayed) == expected_counts(graphed, experience)
+        assert (counts.eager, counts.replayed) == expected_counts(experience)
         assert counts.captures == 1 and not counts.fallbacks
         for name, value in trained(eager).items():
             assert torch.equal(value, trained(graphed)[name]), name
@@ -148,7 +148,7 @@ def test_captured_step_matches_eager_on_cuda(strategy):
         eager.train_task(experience)
         graphed.train_task(experience)
         counts = graphed.last_step_counts
-        assert (counts.eager, counts.replayed) == expected_counts(graphed, experience)
+        assert (counts.eager, counts.replayed) == expected_counts(experience)
         assert counts.captures == 1 and not counts.fallbacks
         for name, value in trained(eager).items():
             torch.testing.assert_close(trained(graphed)[name], value, rtol=1e-3, atol=1e-3, msg=name)
