@@ -375,10 +375,14 @@ class _Flight:
             f"tags.`mlflow.parentRunId` = '{self.parent.run_id}' and "
             f"attributes.run_name = '{item.config.run.run_name}'")) if experiment else []
         if found:
-            client.set_tag(found[0].info.run_id, "clframe.error" if status == "FAILED" else "clframe.stopped",
+            run = found[0]
+            client.set_tag(run.info.run_id, "clframe.error" if status == "FAILED" else "clframe.stopped",
                            message[:5000])
-            if found[0].info.status == "RUNNING":
-                client.set_terminated(found[0].info.run_id, status=status)
+            # A neighbour run in the same checkpoint folder may have closed it first: it saw only a dead
+            # process (KILLED, tag clframe.closed_by); the sweep knows the worker failed, which wins.
+            closed_blind = run.info.status == "KILLED" and "clframe.closed_by" in run.data.tags
+            if run.info.status == "RUNNING" or (status == "FAILED" and closed_blind):
+                client.set_terminated(run.info.run_id, status=status)
         elif status == "FAILED":
             try:
                 _record_failure(self.parent, item.config, item.config.run.run_name, message)

@@ -252,3 +252,25 @@ def test_an_interrupted_sweep_exits_128_plus_the_signal(signum, tmp_path, monkey
     client = MlflowClient(uri)
     [parent] = client.search_runs([client.get_experiment_by_name("clframe").experiment_id])
     assert parent.info.status == "KILLED"
+
+
+def test_a_dead_workers_run_is_failed_even_if_a_neighbour_closed_it_first(tmp_path):
+    """A worker that dies leaves its run RUNNING; the next run started in the same checkpoint folder
+    closes it KILLED (it only sees a dead process). The driver, which knows the worker failed, marks it
+    FAILED with Ray's reason either way; a run that stopped on request stays KILLED."""
+    from clframe.parallel_sweep import Pending, _Flight
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("clframe")
+    parent = client.create_run(experiment, run_name="sweep")
+    flight = _Flight(None, None, parent.info, uri, None, 2, False, [], lambda line: None, 1, 1)
+    statuses = {}
+    for name, closed_by, status in (("died", "run abc: the process driving it had died", "FAILED"),
+                                    ("stopped", None, "KILLED")):
+        tags = {"mlflow.parentRunId": parent.info.run_id, **({"clframe.closed_by": closed_by} if closed_by else {})}
+        child = client.create_run(experiment, run_name=name, tags=tags)
+        client.set_terminated(child.info.run_id, status="KILLED")
+        flight.mark(Pending(1, resolved("linear", f"run_name={name}")), status, "WorkerCrashedError: died")
+        statuses[name] = client.get_run(child.info.run_id).info.status
+    assert statuses == {"died": "FAILED", "stopped": "KILLED"}
