@@ -107,8 +107,16 @@ def declares_capturable_step(strategy_cls: type[Strategy]) -> bool:
     return bool(strategy_cls.__dict__.get("capturable_step", False))
 
 
-def cuda_graph_refused(missing: str) -> ClframeError:
-    return ClframeError(f"cuda_graph=on needs {missing}; use --set cuda_graph=auto (captures where it can) or off")
+def cuda_graph_plan(setting: str, device: torch.device, strategy_cls: type[Strategy]) -> bool | None:
+    """How training steps run: True = captured CUDA graphs (clframe.step_graph), None = eager.
+    ``on`` that cannot be honoured is refused. (Tests set an engine's False: the same bookkeeping over
+    static buffers, without capture, on a CPU.)"""
+    if setting == "off":
+        return None
+    missing = cuda_graph_missing(device, strategy_cls)
+    if missing is not None and setting == "on":
+        raise ClframeError(f"cuda_graph=on needs {missing}; use --set cuda_graph=auto (captures where it can) or off")
+    return None if missing is not None else True
 
 
 def task_seed(seed: int, task_id: int, salt: int = 0) -> int:
@@ -160,7 +168,7 @@ class Engine:
             fastpath.hold_frozen_in_bf16(self.strategy)
         if self.run.compile == "on" or (self.run.compile == "auto" and device.type == "cuda"):
             fastpath.compile_blocks(self.strategy.backbone)
-        self.graph_capture = self._graph_setting()
+        self.graph_capture = cuda_graph_plan(self.run.cuda_graph, device, type(self.strategy))
         self.last_step_counts: StepCounts | None = None  # how the last task's steps ran
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -169,16 +177,6 @@ class Engine:
         # No weight-cast cache: CUDA graph capture needs it off (clframe.step_graph), and it saves nothing
         # here: frozen weights are held in bf16 already and a trainable one is used once per forward.
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
-
-    def _graph_setting(self) -> bool | None:
-        """How training steps run: True = captured CUDA graphs (clframe.step_graph), None = eager.
-        (Tests set False: the same bookkeeping over static buffers, without capture, on a CPU.)"""
-        if self.run.cuda_graph == "off":
-            return None
-        missing = cuda_graph_missing(self.device, type(self.strategy))
-        if missing is not None and self.run.cuda_graph == "on":
-            raise cuda_graph_refused(missing)
-        return None if missing is not None else True
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -34,7 +34,7 @@ import torch
 import clframe
 from clframe import checkpoint, distributed, metrics
 from clframe.config import RESUME_FREE_KEYS, ResolvedConfig, RunConfig
-from clframe.engine import Engine, TrainingDiverged, cuda_graph_missing, cuda_graph_refused, resolve_device
+from clframe.engine import Engine, TrainingDiverged, cuda_graph_plan, resolve_device
 from clframe.errors import ClframeError
 from clframe.registry import SCENARIOS, STRATEGIES
 from clframe.runfiles import (RunLock, abandoned_runs, check_writable_dir, is_disk_full, kill_point,
@@ -274,10 +274,7 @@ def _run_experiment(config: ResolvedConfig, device: torch.device, resume: str | 
                     task_end: Callable[[int, dict[str, float]], None] | None = None) -> RunResult:
     """Check where the run will write, and lock it, before anything is built; then drive it."""
     run, main = config.run, distributed.is_main()
-    if run.cuda_graph == "on":  # refused before the run exists, not by a FAILED run
-        missing = cuda_graph_missing(device, STRATEGIES.get(run.strategy).obj)
-        if missing is not None:
-            raise cuda_graph_refused(missing)
+    cuda_graph_plan(run.cuda_graph, device, STRATEGIES.get(run.strategy).obj)  # refused before the run exists
     uri = resolve_uri(run.tracking_uri)
     saved, resume_path = load_resume(resume, config) if resume else (None, None)
     if saved and str(run.tracking_uri) == saved["config"]["run.tracking_uri"]:

@@ -87,19 +87,24 @@ def test_replays_read_each_batch_not_the_captured_one():
 
 
 def test_cuda_graph_setting_refuses_what_cannot_be_captured():
+    from clframe.engine import cuda_graph_plan
+
+    def plan(engine):
+        return cuda_graph_plan(engine.run.cuda_graph, engine.device, type(engine.strategy))
+
     with pytest.raises(ClframeError, match="cuda_graph=on needs a CUDA device"):
         make_engine("l2p", ["cuda_graph=on"])
     engine, _ = make_engine("l2p", ["cuda_graph=off"])
     assert engine.graph_capture is None
     engine.device = torch.device("cuda")  # the checks only; nothing runs there
     engine.run.cuda_graph = "on"
-    assert engine._graph_setting() is True
+    assert plan(engine) is True
     rehearsal, _ = make_engine("er", ["cuda_graph=off"])
     rehearsal.device, rehearsal.run.cuda_graph = torch.device("cuda"), "on"
     with pytest.raises(ClframeError, match="er's does not"):
-        rehearsal._graph_setting()
+        plan(rehearsal)
     rehearsal.run.cuda_graph = "auto"
-    assert rehearsal._graph_setting() is None
+    assert plan(rehearsal) is None
 
 
 def test_a_subclass_of_a_capturable_strategy_steps_eagerly_until_it_declares_it():
