@@ -166,7 +166,8 @@ class Engine:
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         if use_bf16 and self.run.frozen_bf16:
             fastpath.hold_frozen_in_bf16(self.strategy)
-        if self.run.compile == "on" or (self.run.compile == "auto" and device.type == "cuda"):
+        self.compiled = self.run.compile == "on" or (self.run.compile == "auto" and device.type == "cuda")
+        if self.compiled:
             fastpath.compile_blocks(self.strategy.backbone)
         self.graph_capture = cuda_graph_plan(self.run.cuda_graph, device, type(self.strategy))
         self.last_step_counts: StepCounts | None = None  # how the last task's steps ran
@@ -227,11 +228,12 @@ class Engine:
                     replay = strategy.replay(len(index))
                     if replay is not None:
                         self._append_replay(batch, replay, augment)
-                    if graphed is not None:
-                        loss = graphed(batch)
-                    else:  # every rank steps, even on an empty shard (collectives inside)
-                        weight = (len(index) / (end - first)) if sharded else None  # its share of the global mean
-                        loss = self._train_step(batch, class_mask, params, optimizer, weight)
+                    with fastpath.uncompiled(self.compiled and end - first < run.batch_size):  # the short last batch
+                        if graphed is not None:
+                            loss = graphed(batch)
+                        else:  # every rank steps, even on an empty shard (collectives inside)
+                            weight = (len(index) / (end - first)) if sharded else None  # its share of the global mean
+                            loss = self._train_step(batch, class_mask, params, optimizer, weight)
                     loss_sum += loss.detach()
                     watch.update(loss, epoch * steps + step)
                     bar.update(1)

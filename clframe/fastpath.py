@@ -4,9 +4,14 @@
   call. For modules whose parameters are all frozen, holding the weights in bf16 once gives the
   very same products without the per-step casts (norm layers stay fp32, as autocast runs them).
 - ``compile``: ``torch.compile`` each transformer block of the backbone (the hot loop), keeping
-  the strategy's own Python (prompt selection, masks) eager.
+  the strategy's own Python (prompt selection, masks) eager. The short last training batch of an
+  epoch runs the blocks uncompiled (:func:`uncompiled`): a second batch size would make dynamo
+  compile the block twice more (the step and the no-grad query pass, with a dynamic batch
+  dimension), seconds of compilation for one batch in hundreds.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -33,3 +38,10 @@ def compile_blocks(backbone: nn.Module) -> int:
     for block in blocks:
         block.compile()
     return len(blocks)
+
+
+def uncompiled(active: bool) -> contextlib.AbstractContextManager:
+    """While ``active``, compiled modules run their eager code (same operations, no compilation)."""
+    if not active:
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")

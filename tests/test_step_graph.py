@@ -69,6 +69,39 @@ def test_static_buffer_step_gives_the_eager_engines_losses_and_parameters(strate
     assert matrix == [graphed.evaluate(e) for e in graphed.stream.experiences]
 
 
+def test_the_short_last_batch_runs_the_compiled_blocks_uncompiled(monkeypatch):
+    """A second batch size would compile the block twice more (the step and the no-grad query pass,
+    batch dimension dynamic): seconds of compilation on a GPU for one batch per epoch. One task, two
+    epochs, each ending on a short batch: the blocks are compiled for the full batch only, and the
+    losses are the uncompiled engine's."""
+    from clframe import fastpath
+
+    compiled_batches = []
+
+    def record(graph, example_inputs):  # a backend that runs the traced graph as is, noting its batch size
+        compiled_batches.append(next(int(x.shape[0]) for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() == 3))
+        return graph.forward
+
+    def compile_blocks(backbone):
+        for block in backbone.blocks:
+            block.compile(backend=record)
+        return len(backbone.blocks)
+
+    monkeypatch.setattr(fastpath, "compile_blocks", compile_blocks)
+    torch._dynamo.reset()
+    try:
+        plain, plain_losses = make_engine("l2p", ["compile=off"])
+        compiled, compiled_losses = make_engine("l2p", ["compile=on"])
+        experience = plain.train_experiences[0]
+        assert len(experience.train_labels) % BATCH
+        plain.train_task(experience)
+        compiled.train_task(experience)
+    finally:
+        torch._dynamo.reset()
+    assert compiled.compiled and compiled_batches == [BATCH, BATCH]  # training and the query pass
+    np.testing.assert_allclose(compiled_losses, plain_losses, rtol=1e-5)
+
+
 def test_replays_read_each_batch_not_the_captured_one():
     """Every replay must see its own batch: the static buffers are refilled, never left at the
     batch the step was captured with."""
