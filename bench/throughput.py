@@ -161,12 +161,15 @@ def protocol(strategy_name: str, args) -> dict:
         sets = [f"data_root={root / 'data'}", f"tracking_uri=sqlite:///{root}/mlflow.db",
                 f"checkpoint_dir={root / 'ckpt'}", f"epochs={args.epochs}"]
         config = config_for(strategy_name, args, sets)
-        result = run_experiment(config, echo=lambda line: None)
+        echoed = []  # the runner echoes its header once the model, data and MLflow run are ready
+        result = run_experiment(config, echo=lambda line: echoed.append(time.perf_counter()))
         wall = time.perf_counter() - start
+        setup = echoed[0] - start
     device = resolve_device(args.device)
     return dict(environment(device), strategy=strategy_name, mode="protocol", batch=config.run.batch_size,
                 eval_batch=config.run.eval_batch_size, cuda_graph=config.run.cuda_graph,
                 epochs=args.epochs, protocol_wall_s=round(wall, 1), engine_wall_s=round(result.wall_s, 1),
+                setup_s=round(setup, 1), after_engine_s=round(wall - setup - result.wall_s, 1),
                 acc_avg=round(result.summary["acc_avg"], 2), train_img_s=round(result.train_img_s, 1),
                 eval_img_s=round(result.eval_img_s, 1))
 
