@@ -22,10 +22,12 @@ BATCH = 64  # split_digits with 2 tasks: 670 and 677 training images, so every e
 EPOCHS = 2
 
 
-def make_engine(strategy: str, sets: list[str], device: str = "cpu") -> tuple[Engine, list[float]]:
+def make_engine(strategy: str, sets: list[str], device: str = "cpu",
+                lr: str | None = "0.01") -> tuple[Engine, list[float]]:
+    """Split Digits, 2 tasks; ``lr=None`` keeps the strategy's configured (reference) learning rate."""
     config = resolve_config(dict(scenario="split_digits", strategy=strategy, progress=False), None,
-                            ["split_digits.n_tasks=2",
-                             f"epochs={EPOCHS}", f"batch_size={BATCH}", "lr=0.01", *sets],
+                            ["split_digits.n_tasks=2", f"epochs={EPOCHS}", f"batch_size={BATCH}",
+                             *([f"lr={lr}"] if lr is not None else []), *sets],
                             SCENARIOS.get("split_digits").config_cls, STRATEGIES.get(strategy).config_cls)
     stream = build_stream(config)
     losses: list[float] = []
@@ -181,10 +183,23 @@ def off_the_eager_path(start: dict, eager: dict, graphed: dict, share: float) ->
     update is off by about as much as the training moved the parameter."""
     off = []
     for name, value in eager.items():
-        moved, gap = float((value - start[name]).norm()), float((graphed[name] - value).norm())
+        value, first, other = (without_key_bias(name, t) for t in (value, start[name], graphed[name]))
+        moved, gap = float((value - first).norm()), float((other - value).norm())
         if gap > share * moved + 1e-6:
             off.append(f"{name}: {gap:.3g} apart, moved {moved:.3g}")
     return off
+
+
+def without_key_bias(name: str, value: torch.Tensor) -> torch.Tensor:
+    """An attention ``qkv.bias`` without its key third. Adding a constant to every key shifts each
+    query's scores by one constant, which softmax ignores: the key bias's gradient is exactly zero,
+    so what it gets is rounding noise, and Adam turns noise into full-size steps in random
+    directions (on CUDA, 5.4% of bitfit's and 9% of partial_k's qkv.bias movement). Prefix keys
+    (DualPrompt) would make it nonzero, but no strategy trains both."""
+    if not name.endswith("qkv.bias"):
+        return value
+    query, _, v = value.chunk(3)
+    return torch.cat([query, v])
 
 
 def test_off_the_eager_path_flags_a_skipped_update_and_passes_rounding():
@@ -195,17 +210,25 @@ def test_off_the_eager_path_flags_a_skipped_update_and_passes_rounding():
     assert off_the_eager_path(start, eager, rounded, 0.05) == []
     assert off_the_eager_path(start, eager, dict(eager, w=start["w"]), 0.05)  # the update skipped
     assert off_the_eager_path(start, eager, dict(eager, frozen=torch.full((3,), 1.001)), 0.05)  # a frozen one moved
+    bias = {"qkv.bias": torch.zeros(9)}
+    trained = {"qkv.bias": torch.tensor([1.0, 1, 1, 0.5, -0.5, 0.5, 1, 1, 1])}  # the key third: noise-driven steps
+    noise = {"qkv.bias": torch.tensor([1.0, 1, 1, -0.5, 0.5, -0.5, 1, 1, 1])}
+    assert off_the_eager_path(bias, trained, noise, 0.05) == []
+    assert off_the_eager_path(bias, trained, {"qkv.bias": torch.tensor([0.0, 0, 0, 0.5, -0.5, 0.5, 1, 1, 1])}, 0.05)
 
 
 def compare_on_cuda(strategy: str, sets: list[str], share: float, loss_rtol: float) -> None:
     """Real capture against the eager step: two tasks, short last batches, a new graph in the second."""
     sets = ["compile=off", *NO_DROPOUT.get(strategy, []), *sets]
-    eager, eager_losses = make_engine(strategy, ["cuda_graph=off", *sets], "cuda")
-    graphed, graphed_losses = make_engine(strategy, ["cuda_graph=on", *sets], "cuda")
+    # The configured learning rates: at 0.01 a whole-network Adam finetune is chaotic (its two paths'
+    # losses went from 1e-6 to 4% apart in three epochs), and chaos is no test of the replay.
+    eager, eager_losses = make_engine(strategy, ["cuda_graph=off", *sets], "cuda", lr=None)
+    graphed, graphed_losses = make_engine(strategy, ["cuda_graph=on", *sets], "cuda", lr=None)
     assert graphed.graph_capture is True
-    start = trained(eager)
+    start: dict[str, torch.Tensor] = {}
     problems = []
     for experience in eager.train_experiences:
+        start = {**trained(eager), **start}  # a task's new parameters (CODA-Prompt's components) from where they began
         eager.train_task(experience)
         graphed.train_task(experience)
         counts = graphed.last_step_counts
