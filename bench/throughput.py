@@ -13,8 +13,8 @@ MLflow logging included, and reports its wall time.
 
 Without ``--batch`` each strategy runs at its own configured (reference) batch size, e.g. L2P 16,
 DualPrompt 24, CODA-Prompt 128. ``--graph-ab`` times the same warmed engine twice, captured CUDA
-graph step (the default) and eager step (``cuda_graph=off``), so the ratio is free of compile and
-machine noise.
+graph step (``cuda_graph=on``, for a strategy whose step can be captured) and eager step, so the
+ratio is free of compile and machine noise.
 
 Under torchrun every rank runs the same measurement data-parallel (``--batch`` is the global
 batch, split over the ranks, as in ``clframe run --gpus N``); rank 0 prints the global img/s:
@@ -108,7 +108,8 @@ def measure(strategy_name: str, args, device: torch.device) -> dict:
     # Each strategy is measured as its own `clframe run` would be: compiled graphs of the strategies
     # measured before it (all share timm's Block.forward) must not use up its recompile limit.
     torch._dynamo.reset()
-    config = config_for(strategy_name, args, ["epochs=1"])
+    # --graph-ab: the A side captured at any batch (auto steps eagerly from batch 128 on, where it does not pay)
+    config = config_for(strategy_name, args, ["epochs=1", *(["cuda_graph=on"] if args.graph_ab and device.type == "cuda" else [])])
     engine, timed = warmed_engine(config, args, device, args.eval_images)
     training = timed_training(engine, timed, device)
     eager = None

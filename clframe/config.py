@@ -82,7 +82,7 @@ class RunConfig:
                           "on an H100), on, off", choices=("auto", "on", "off"))
     cuda_graph: str = option("auto", "capture each task's training step (forward, backward, clipping, update) as "
                              "one CUDA graph and replay it: auto = on CUDA, one process, strategies that allow "
-                             "it; on; off", choices=("auto", "on", "off"))
+                             "it, batches below 128 (where it pays); on (any batch); off", choices=("auto", "on", "off"))
     seed: int = option(0, "seed for class order, initialisation, batches and augmentation", min=0, max=2**32 - 1)
     data_root: str = option("./data", "folder holding the data sets (e.g. cifar-100-python/)")
     tracking_uri: str | None = option(None, "MLflow tracking URI; None means sqlite:///mlflow.db here")

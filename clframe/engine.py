@@ -107,16 +107,26 @@ def declares_capturable_step(strategy_cls: type[Strategy]) -> bool:
     return bool(strategy_cls.__dict__.get("capturable_step", False))
 
 
-def cuda_graph_plan(setting: str, device: torch.device, strategy_cls: type[Strategy]) -> bool | None:
+# ``cuda_graph=auto`` captures batches smaller than this. On an H100 the captured L2P step ran 3.2x the
+# eager one at batch 16 and 2.4x (DualPrompt) at 24, but 0.98x (L2P) and 0.97x (CODA-Prompt) at 128:
+# there the GPU's arithmetic already hides the host's launches (BENCHMARKS.md).
+CAPTURE_BELOW_BATCH = 128
+
+
+def cuda_graph_plan(setting: str, device: torch.device, strategy_cls: type[Strategy],
+                    batch_size: int) -> bool | None:
     """How training steps run: True = captured CUDA graphs (clframe.step_graph), None = eager.
-    ``on`` that cannot be honoured is refused. (Tests set an engine's False: the same bookkeeping over
-    static buffers, without capture, on a CPU.)"""
+    ``auto`` captures where it can and where it pays (batches below ``CAPTURE_BELOW_BATCH``); ``on``
+    captures at any batch, and one that cannot be honoured is refused. (Tests set an engine's False:
+    the same bookkeeping over static buffers, without capture, on a CPU.)"""
     if setting == "off":
         return None
     missing = cuda_graph_missing(device, strategy_cls)
     if missing is not None and setting == "on":
         raise ClframeError(f"cuda_graph=on needs {missing}; use --set cuda_graph=auto (captures where it can) or off")
-    return None if missing is not None else True
+    if missing is not None or (setting == "auto" and batch_size >= CAPTURE_BELOW_BATCH):
+        return None
+    return True
 
 
 def task_seed(seed: int, task_id: int, salt: int = 0) -> int:
@@ -169,7 +179,7 @@ class Engine:
         self.compiled = self.run.compile == "on" or (self.run.compile == "auto" and device.type == "cuda")
         if self.compiled:
             fastpath.compile_blocks(self.strategy.backbone)
-        self.graph_capture = cuda_graph_plan(self.run.cuda_graph, device, type(self.strategy))
+        self.graph_capture = cuda_graph_plan(self.run.cuda_graph, device, type(self.strategy), self.run.batch_size)
         self.last_step_counts: StepCounts | None = None  # how the last task's steps ran
 
     def autocast(self) -> contextlib.AbstractContextManager:

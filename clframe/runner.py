@@ -274,7 +274,7 @@ def _run_experiment(config: ResolvedConfig, device: torch.device, resume: str | 
                     task_end: Callable[[int, dict[str, float]], None] | None = None) -> RunResult:
     """Check where the run will write, and lock it, before anything is built; then drive it."""
     run, main = config.run, distributed.is_main()
-    cuda_graph_plan(run.cuda_graph, device, STRATEGIES.get(run.strategy).obj)  # refused before the run exists
+    cuda_graph_plan(run.cuda_graph, device, STRATEGIES.get(run.strategy).obj, run.batch_size)  # refused before the run exists
     uri = resolve_uri(run.tracking_uri)
     saved, resume_path = load_resume(resume, config) if resume else (None, None)
     if saved and str(run.tracking_uri) == saved["config"]["run.tracking_uri"]:

@@ -125,13 +125,19 @@ def test_cuda_graph_setting_refuses_what_cannot_be_captured():
     from clframe.engine import cuda_graph_plan
 
     def plan(engine):
-        return cuda_graph_plan(engine.run.cuda_graph, engine.device, type(engine.strategy))
+        return cuda_graph_plan(engine.run.cuda_graph, engine.device, type(engine.strategy), engine.run.batch_size)
 
     with pytest.raises(ClframeError, match="cuda_graph=on needs a CUDA device"):
         make_engine("l2p", ["cuda_graph=on"])
     engine, _ = make_engine("l2p", ["cuda_graph=off"])
     assert engine.graph_capture is None
     engine.device = torch.device("cuda")  # the checks only; nothing runs there
+    engine.run.cuda_graph = "on"
+    assert plan(engine) is True
+    engine.run.cuda_graph = "auto"
+    assert plan(engine) is True  # batch 64: captured
+    engine.run.batch_size = 128  # where the captured step no longer pays, auto steps eagerly; on still captures
+    assert plan(engine) is None
     engine.run.cuda_graph = "on"
     assert plan(engine) is True
     rehearsal, _ = make_engine("er", ["cuda_graph=off"])
