@@ -223,18 +223,28 @@ def test_off_the_eager_path_flags_a_skipped_update_and_passes_rounding():
     assert off_the_eager_path(bias, trained, {"qkv.bias": torch.tensor([0.0, 0, 0, 0.5, -0.5, 0.5, 1, 1, 1])}, 0.05)
 
 
-def compare_on_cuda(strategy: str, sets: list[str], share: float, loss_rtol: float) -> None:
-    """Real capture against the eager step: two tasks, short last batches, a new graph in the second."""
+def compare_on_cuda(strategy: str, sets: list[str], share: float, loss_rtol: float, device: str = "cuda") -> None:
+    """Real capture against the eager step: two tasks, short last batches, a new graph in the second.
+    (``device="cpu"``: the same comparison over the uncaptured bookkeeping, to check the comparison.)"""
     sets = ["compile=off", *NO_DROPOUT.get(strategy, []), *sets]
     # The configured learning rates: at 0.01 a whole-network Adam finetune is chaotic (its two paths'
     # losses went from 1e-6 to 4% apart in three epochs), and chaos is no test of the replay.
-    eager, eager_losses = make_engine(strategy, ["cuda_graph=off", *sets], "cuda", lr=None)
-    graphed, graphed_losses = make_engine(strategy, ["cuda_graph=on", *sets], "cuda", lr=None)
-    assert graphed.graph_capture is True
-    start: dict[str, torch.Tensor] = {}
+    on_cuda = device == "cuda"
+    eager, eager_losses = make_engine(strategy, ["cuda_graph=off", *sets], device, lr=None)
+    graphed, graphed_losses = make_engine(strategy, [f"cuda_graph={'on' if on_cuda else 'off'}", *sets], device, lr=None)
+    if not on_cuda:
+        graphed.graph_capture = False
+    assert graphed.graph_capture is on_cuda
+    start = trained(eager)
+    before_task = eager.strategy.before_task
+
+    def note_new_parameters(experience):  # a task's new parameters (CODA-Prompt's components) from where they began
+        before_task(experience)
+        start.update({name: value for name, value in trained(eager).items() if name not in start})
+
+    eager.strategy.before_task = note_new_parameters
     problems = []
     for experience in eager.train_experiences:
-        start = {**trained(eager), **start}  # a task's new parameters (CODA-Prompt's components) from where they began
         eager.train_task(experience)
         graphed.train_task(experience)
         counts = graphed.last_step_counts
@@ -245,6 +255,13 @@ def compare_on_cuda(strategy: str, sets: list[str], share: float, loss_rtol: flo
     if not np.allclose(graphed_losses, eager_losses, rtol=loss_rtol, atol=0):
         problems.append(f"losses {graphed_losses} against eager {eager_losses}")
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("strategy", ["coda_prompt", "bitfit"])
+def test_the_cuda_comparison_passes_the_uncaptured_bookkeeping_on_a_cpu(strategy):
+    """The CUDA comparison itself, where it can run here: CODA-Prompt adds parameters in its second
+    task (compared from where they began), bitfit trains qkv.bias (its key third left out)."""
+    compare_on_cuda(strategy, FP32, share=0.05, loss_rtol=1e-3, device="cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
