@@ -84,12 +84,8 @@ def test_the_short_last_batch_runs_the_compiled_blocks_uncompiled(monkeypatch):
         compiled_batches.append(next(int(x.shape[0]) for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() == 3))
         return graph.forward
 
-    def compile_blocks(backbone):
-        for block in backbone.blocks:
-            block.compile(backend=record)
-        return len(backbone.blocks)
-
-    monkeypatch.setattr(fastpath, "compile_blocks", compile_blocks)
+    compile_blocks = fastpath.compile_blocks
+    monkeypatch.setattr(fastpath, "compile_blocks", lambda backbone: compile_blocks(backbone, backend=record))
     torch._dynamo.reset()
     try:
         plain, plain_losses = make_engine("l2p", ["compile=off"])
@@ -223,7 +219,7 @@ def test_off_the_eager_path_flags_a_skipped_update_and_passes_rounding():
     assert off_the_eager_path(bias, trained, {"qkv.bias": torch.tensor([0.0, 0, 0, 0.5, -0.5, 0.5, 1, 1, 1])}, 0.05)
 
 
-def compare_on_cuda(strategy: str, sets: list[str], share: float, loss_rtol: float, device: str = "cuda") -> None:
+def compare_with_eager(strategy: str, sets: list[str], share: float, loss_rtol: float, device: str = "cuda") -> None:
     """Real capture against the eager step: two tasks, short last batches, a new graph in the second.
     (``device="cpu"``: the same comparison over the uncaptured bookkeeping, to check the comparison.)"""
     sets = ["compile=off", *NO_DROPOUT.get(strategy, []), *sets]
@@ -261,7 +257,7 @@ def compare_on_cuda(strategy: str, sets: list[str], share: float, loss_rtol: flo
 def test_the_cuda_comparison_passes_the_uncaptured_bookkeeping_on_a_cpu(strategy):
     """The CUDA comparison itself, where it can run here: CODA-Prompt adds parameters in its second
     task (compared from where they began), bitfit trains qkv.bias (its key third left out)."""
-    compare_on_cuda(strategy, FP32, share=0.05, loss_rtol=1e-3, device="cpu")
+    compare_with_eager(strategy, FP32, share=0.05, loss_rtol=1e-3, device="cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
@@ -269,7 +265,7 @@ def test_the_cuda_comparison_passes_the_uncaptured_bookkeeping_on_a_cpu(strategy
 def test_captured_step_matches_eager_on_cuda(strategy):
     """Every capturable strategy in fp32: the captured step's mechanics (static buffers refilled, the
     update replayed, eager short batches, a new graph per task), free of bf16's amplified rounding."""
-    compare_on_cuda(strategy, FP32, share=0.05, loss_rtol=1e-3)
+    compare_with_eager(strategy, FP32, share=0.05, loss_rtol=1e-3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
@@ -277,4 +273,4 @@ def test_captured_step_matches_eager_on_cuda(strategy):
 def test_captured_step_matches_eager_under_bf16_autocast_on_cuda(strategy):
     """The default path: bf16 autocast with frozen weights in bf16. A cast of a trainable weight kept
     from capture time (autocast's cache) would freeze the forward's view of it while Adam moved it."""
-    compare_on_cuda(strategy, [], share=0.1, loss_rtol=1e-2)
+    compare_with_eager(strategy, [], share=0.1, loss_rtol=1e-2)
